@@ -1,15 +1,10 @@
 """fastupg.rewards.math: extraction, normalisation, the regression suite, time bounds."""
 import multiprocessing as mp
-import os
-import sys
 import threading
 
 import pytest
 
 pytest.importorskip("math_verify")
-
-sys.path.insert(0, os.path.dirname(__file__))
-from math_cases import CASES, CHOICE_CASES, SLOW_CASES  # noqa: E402
 
 from fastupg.rewards.math import (  # noqa: E402
     VerifierConfig,
@@ -19,6 +14,216 @@ from fastupg.rewards.math import (  # noqa: E402
     math_rewards,
     normalize_answer,
 )
+
+# ---------------------------------------------------------------- regression suite: (gold, response, expected)
+# In the style of math-verify's own tests; doubles as our regression set.
+
+B = lambda s: "The final answer is $\\boxed{" + s + "}$."  # noqa: E731
+
+CASES: list[tuple[str, str, float]] = [
+    # --- integers and plain numbers
+    ("3", B("3"), 1.0),
+    ("3", B("4"), 0.0),
+    ("-7", B("-7"), 1.0),
+    ("-7", B("7"), 0.0),
+    ("204", B("204"), 1.0),
+    ("\\boxed{204}", B("204"), 1.0),          # AIME24-style boxed gold
+    ("\\boxed{204}", B("240"), 0.0),
+    ("0", B("0"), 1.0),
+    ("4", B("4.0"), 1.0),
+    ("4", B("4.00"), 1.0),
+    ("4", B("4.1"), 0.0),
+    ("0.5", B(".5"), 1.0),
+    ("2.50", B("2.5"), 1.0),
+    ("100", B("10^2"), 1.0),
+    ("1024", B("2^{10}"), 1.0),
+    ("1025", B("2^{10}"), 0.0),
+    ("36", B("6^2"), 1.0),
+    # --- fractions vs decimals
+    ("\\frac{1}{2}", B("0.5"), 1.0),
+    ("\\frac{1}{2}", B("\\frac12"), 1.0),
+    ("\\frac{1}{2}", B("1/2"), 1.0),
+    ("\\frac{1}{2}", B("\\dfrac{1}{2}"), 1.0),
+    ("\\frac{1}{2}", B("\\tfrac{1}{2}"), 1.0),
+    ("\\frac{1}{2}", B("\\frac{2}{4}"), 1.0),
+    ("\\frac{1}{2}", B("\\frac{1}{3}"), 0.0),
+    ("\\dfrac{3}{4}", B("0.75"), 1.0),
+    ("\\dfrac{3}{4}", B("\\frac{3}{4}"), 1.0),
+    ("\\frac{3}{4}", B("\\frac{4}{3}"), 0.0),
+    ("\\frac{14}{3}", B("\\frac{14}{3}"), 1.0),
+    ("\\frac{14}{3}", B("4\\frac{2}{3}"), 1.0),
+    ("-\\frac{2}{3}", B("-\\frac{2}{3}"), 1.0),
+    ("-\\frac{2}{3}", B("\\frac{-2}{3}"), 1.0),
+    ("-\\frac{2}{3}", B("\\frac{2}{3}"), 0.0),
+    ("\\frac{1}{3}", B("0.3333333333"), 1.0),
+    ("\\frac{1}{3}", B("0.3"), 0.0),
+    ("0.25", B("\\frac{1}{4}"), 1.0),
+    ("1.5", B("\\frac{3}{2}"), 1.0),
+    ("1.5", B("\\frac{5}{2}"), 0.0),
+    # --- radicals, pi, expressions
+    ("2\\sqrt{2}", B("\\sqrt{8}"), 1.0),
+    ("2\\sqrt{2}", B("2\\sqrt2"), 1.0),
+    ("2\\sqrt{2}", B("\\sqrt{2}"), 0.0),
+    ("\\frac{\\sqrt{3}}{2}", B("\\frac{1}{2}\\sqrt{3}"), 1.0),
+    ("\\frac{\\sqrt{3}}{2}", B("\\frac{\\sqrt{2}}{2}"), 0.0),
+    ("12\\pi", B("12\\pi"), 1.0),
+    ("12\\pi", B("12 \\pi"), 1.0),
+    ("12\\pi", B("\\pi \\cdot 12"), 1.0),
+    ("12\\pi", B("6\\pi"), 0.0),
+    ("\\frac{\\pi}{4}", B("\\pi/4"), 1.0),
+    ("\\frac{\\pi}{4}", B("\\frac{\\pi}{3}"), 0.0),
+    ("x^2+1", B("1+x^2"), 1.0),
+    ("x^2+1", B("x^2-1"), 0.0),
+    ("(x+1)^2", B("x^2+2x+1"), 1.0),
+    ("2x+3", B("3+2x"), 1.0),
+    ("p - q", B("p-q"), 1.0),
+    ("p - q", B("q-p"), 0.0),
+    ("\\sqrt{2}+1", B("1+\\sqrt{2}"), 1.0),
+    ("3 + 2\\sqrt{2}", B("2\\sqrt{2}+3"), 1.0),
+    ("e^2", B("e^{2}"), 1.0),
+    ("\\log_2 3", B("\\log_{2}3"), 1.0),
+    ("\\infty", B("\\infty"), 1.0),
+    ("-\\infty", B("\\infty"), 0.0),
+    ("i", B("i"), 1.0),
+    ("1+2i", B("2i+1"), 1.0),
+    ("1+2i", B("1-2i"), 0.0),
+    # --- equations vs values
+    ("3", B("x=3"), 1.0),
+    ("x=3", B("3"), 1.0),
+    ("x=3", B("x = 3"), 1.0),
+    ("3", B("x=4"), 0.0),
+    ("y=2x+1", B("y = 2x + 1"), 1.0),
+    ("y=2x+1", B("y=2x-1"), 0.0),
+    ("y=2x+1", B("2x+1"), 1.0),
+    # --- intervals
+    ("(1,2]", B("(1,2]"), 1.0),
+    ("(1,2]", B("(1, 2]"), 1.0),
+    ("(1,2]", B("(1,2)"), 0.0),
+    ("[-2,3)", B("[-2,3)"), 1.0),
+    ("[-2,3)", B("[-2,3]"), 0.0),
+    ("(-\\infty, 0)", B("(-\\infty,0)"), 1.0),
+    ("(-\\infty, 0)", B("(0,\\infty)"), 0.0),
+    ("(-\\infty,-2)\\cup(2,\\infty)", B("(-\\infty,-2) \\cup (2,\\infty)"), 1.0),
+    ("(-\\infty,-2)\\cup(2,\\infty)", B("(-\\infty,-2]\\cup[2,\\infty)"), 0.0),
+    ("[0,1]", B("\\left[0, 1\\right]"), 1.0),
+    # --- sets and tuples
+    ("\\{1,2\\}", B("\\{2,1\\}"), 1.0),
+    ("\\{1,2\\}", B("\\{1,3\\}"), 0.0),
+    ("1,2", B("2,1"), 1.0),
+    ("1, 2, 3", B("1,2,3"), 1.0),
+    ("1, 2, 3", B("1,2"), 0.0),
+    ("(3, \\frac{\\pi}{2})", B("\\left( 3, \\frac{\\pi}{2} \\right)"), 1.0),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", B("(3,\\frac{\\pi}{2})"), 1.0),
+    ("(3, \\frac{\\pi}{2})", B("(3, \\pi)"), 0.0),
+    ("(1,2)", B("(1, 2)"), 1.0),
+    ("(1,2,3)", B("(1,2,3)"), 1.0),
+    ("(1,2,3)", B("(3,2,1)"), 0.0),
+    ("(2,-1)", B("\\left(2,-1\\right)"), 1.0),
+    ("-2, 1", B("1, -2"), 1.0),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", B("\\begin{pmatrix}1\\\\2\\end{pmatrix}"), 1.0),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", B("\\begin{pmatrix}2\\\\1\\end{pmatrix}"), 0.0),
+    # --- units, degrees, money, percent, thousands
+    ("5", B("5\\text{ cm}"), 1.0),
+    ("5", B("5 \\text{cm}"), 1.0),
+    ("5", B("5\\,\\text{cm}"), 1.0),
+    ("5", B("6\\text{ cm}"), 0.0),
+    ("12", B("12 \\text{ inches}"), 1.0),
+    ("48", B("48\\text{ square units}"), 1.0),
+    ("30", B("30^\\circ"), 1.0),
+    ("30", B("30^{\\circ}"), 1.0),
+    ("30^\\circ", B("30"), 1.0),
+    ("30", B("60^\\circ"), 0.0),
+    ("90", B("90°"), 1.0),
+    ("10", B("\\$10"), 1.0),
+    ("10.50", B("\\$10.50"), 1.0),
+    ("1000", B("1,000"), 1.0),
+    ("1000000", B("1,000,000"), 1.0),
+    ("1000000", B("1{,}000{,}000"), 1.0),
+    ("1,000", B("1000"), 1.0),
+    ("1000", B("1,001"), 0.0),
+    ("50\\%", B("50\\%"), 1.0),
+    ("50\\%", B("50"), 1.0),
+    ("50", B("50\\%"), 1.0),
+    ("25\\%", B("30\\%"), 0.0),
+    ("5", B("5 \\text{ meters}"), 1.0),
+    ("3", B("3 \\text{ hours}"), 1.0),
+    # --- text answers
+    ("\\text{Evelyn}", B("\\text{Evelyn}"), 1.0),
+    ("\\text{Evelyn}", B("Evelyn"), 1.0),
+    ("\\text{Evelyn}", B("\\text{Bob}"), 0.0),
+    ("\\text{yes}", B("\\text{Yes}"), 1.0),
+    ("\\text{yes}", B("\\text{no}"), 0.0),
+    ("\\text{odd}", B("\\text{odd}"), 1.0),
+    ("\\text{odd}", B("\\text{even}"), 0.0),
+    ("\\text{(C)}", B("\\text{(C)}"), 1.0),
+    ("\\text{(C)}", B("(C)"), 1.0),
+    ("\\text{(C)}", B("(D)"), 0.0),
+    ("\\text{Sunday}", B("\\textbf{Sunday}"), 1.0),
+    # --- where the box is: last box, \fbox, no box, unbalanced, box-in-text
+    ("3", "First \\boxed{5}, wait, I mean \\boxed{3}.", 1.0),
+    ("3", "First \\boxed{3}, wait, I mean \\boxed{5}.", 0.0),
+    ("3", "So the answer is \\fbox{3}.", 1.0),
+    ("3", "The answer is 3.", 0.0),
+    ("3", "", 0.0),
+    ("3", "\\boxed{3", 0.0),
+    ("3", "\\boxed{}", 0.0),
+    ("\\frac{1}{2}", "\\boxed{\\frac{1}{2}", 0.0),
+    ("3", "\\boxed 3", 1.0),
+    ("3", "<think>maybe \\boxed{4}</think> final: \\boxed{3}", 1.0),
+    ("\\frac{1}{2}", "$\\boxed{\\frac{1}{2}}$", 1.0),
+    ("\\frac{1}{2}", "\\[\\boxed{\\dfrac{1}{2}}\\]", 1.0),
+    ("3", "\\boxed{\\boxed{3}}", 1.0),
+    ("2", "\\boxed{x = 2}", 1.0),
+    ("\\{1,2\\}", "The set is $\\boxed{\\{1, 2\\}}$", 1.0),
+    ("3", "The answer is \\boxed{3}. \\boxed{", 0.0),
+    # --- more MATH-500 style golds
+    ("\\frac{\\sqrt{2}}{2}", B("\\frac{1}{\\sqrt{2}}"), 1.0),
+    ("\\sqrt{5}", B("\\sqrt5"), 1.0),
+    ("\\sqrt{5}", B("5^{1/2}"), 1.0),
+    ("\\sqrt{5}", B("\\sqrt{6}"), 0.0),
+    ("27", B("27"), 1.0),
+    ("27", B("\\text{27}"), 1.0),
+    ("-1", B("-1"), 1.0),
+    ("\\pm 2", B("\\pm 2"), 1.0),
+    ("6+9i", B("6+9i"), 1.0),
+    ("6+9i", B("9i+6"), 1.0),
+    ("\\frac{9}{256}", B("\\frac{9}{256}"), 1.0),
+    ("\\frac{9}{256}", B("0.03515625"), 1.0),
+    ("\\frac{9}{256}", B("\\frac{9}{265}"), 0.0),
+    ("x \\in [-2,7]", B("[-2,7]"), 1.0),
+    ("11\\sqrt2", B("11\\sqrt{2}"), 1.0),
+    ("\\text{A}", B("A"), 1.0),
+    ("2^{12}", B("4096"), 1.0),
+    ("3\\sqrt{3}", B("\\sqrt{27}"), 1.0),
+    ("\\frac{5}{3}", B("1.\\overline{6}"), 1.0),
+    ("0", B("-0"), 1.0),
+    ("17", B("0017"), 1.0),
+    ("8", B("\\mathbf{8}"), 1.0),
+]
+
+# GPQA-style multiple choice: gold is a letter
+CHOICE_CASES: list[tuple[str, str, float]] = [
+    ("C", "Reasoning... \\boxed{C}", 1.0),
+    ("C", "Reasoning... \\boxed{(C)}", 1.0),
+    ("C", "Reasoning... \\boxed{\\text{C}}", 1.0),
+    ("C", "Reasoning... \\boxed{C) 42 J}", 1.0),
+    ("C", "Reasoning... \\boxed{D}", 0.0),
+    ("C", "Therefore the answer is (C).", 1.0),
+    ("C", "The answer is C", 1.0),
+    ("C", "Answer: C", 1.0),
+    ("C", "The answer is (B).", 0.0),
+    ("A", "I think the answer is (B), no wait, the answer is (A).", 1.0),
+    ("A", "No letter here at all.", 0.0),
+    ("D", "\\boxed{\\textbf{(D)}}", 1.0),
+    ("B", "\\boxed{b}", 1.0),
+    ("(B)", "\\boxed{B}", 1.0),
+]
+
+# pathological inputs: bounded by the timeout, score 0 (few, they are slow on purpose)
+SLOW_CASES: list[tuple[str, str, float]] = [
+    ("3", B("9^{9^{9^{9}}}"), 0.0),
+]
+
 
 # math-verify cannot read repeating decimals; documented misses, still counted in the agreement
 KNOWN_MISSES = {("\\frac{5}{3}", "The final answer is $\\boxed{1.\\overline{6}}$.")}
