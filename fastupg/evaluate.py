@@ -1,0 +1,275 @@
+"""`fastupg eval`: the paper's evaluation protocol on one model and several benchmarks.
+
+    fastupg eval --model PATH --data AIME24.json --data MATH-500.json --out DIR \
+        [--k K] [--temperature 0.6] [--top-p 0.95] [--max-new-tokens 8192] [--limit N] \
+        [--engine auto|hf|vllm]
+
+Protocol (HPT paper / LUFFY evaluation): sample at temperature 0.6, top-p 0.95, up to 8192 new
+tokens; score each response with the rule-based verifier (fastupg.rewards.math: last boxed
+answer vs gold, math-verify equivalence; letters for GPQA); report avg@k = the mean score over
+k samples per question, averaged over questions. k defaults per benchmark: 32 for AIME24,
+AIME25 and AMC (small sets, high variance), 1 for the others; ``--k`` sets it for all.
+Prompts: the training system prompt (LUFFY's) through the model's chat template.
+
+Writes DIR/results.json, DIR/results.md (a table per benchmark and the average) and
+DIR/responses/<benchmark>.jsonl (every sampled response with its score).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .data.datasets import DataConfig, Example, dataset_name, load_examples
+from .data.prompts import LUFFY_SYSTEM_PROMPT, QWEN_MATH_SYSTEM_PROMPT, PromptConfig
+from .rewards.math import math_rewards
+from .rollout.base import SamplingConfig
+
+__all__ = ["add_eval_args", "run_eval", "default_k", "render_markdown"]
+
+log = logging.getLogger(__name__)
+
+# avg@k sample counts per benchmark (matched on the lower-cased name without - and _)
+PAPER_K = {"aime24": 32, "aime2024": 32, "aime25": 32, "aime2025": 32, "amc": 32, "amc23": 32, "amc2023": 32}
+
+SYSTEM_PROMPTS = {"luffy": LUFFY_SYSTEM_PROMPT, "qwen-math": QWEN_MATH_SYSTEM_PROMPT, "none": None}
+
+
+def default_k(benchmark: str) -> int:
+    key = benchmark.lower().replace("-", "").replace("_", "")
+    return PAPER_K.get(key, 32 if key.startswith(("aime", "amc")) else 1)
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = parser
+    p.add_argument("--model", required=True, help="checkpoint folder (or hub name where reachable)")
+    p.add_argument("--data", action="append", required=True, metavar="NAME_OR_PATH",
+                   help="benchmark: .json/.jsonl/.parquet, a folder, or a Hugging Face dataset name; repeatable. "
+                        "A file with a data_source column holding several benchmarks is split by it.")
+    p.add_argument("--out", required=True, help="output folder for results.json / results.md / responses/")
+    p.add_argument("--k", type=int, default=None,
+                   help="samples per question for every benchmark (default: 32 for AIME24/AIME25/AMC, 1 otherwise)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=8192)
+    p.add_argument("--limit", type=int, default=None, help="first N questions of each --data")
+    p.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto",
+                   help="auto: vLLM when installed and a GPU exists, else Hugging Face generate")
+    p.add_argument("--system-prompt", default="luffy",
+                   help="'luffy' (the training prompt, default), 'qwen-math', 'none', or the literal text")
+    p.add_argument("--split", default="test", help="split for hub names / dataset folders")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="prompts per generate call (default: all for vLLM, 8 for HF)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", help="model dtype: auto, bfloat16, float16, float32")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM only")
+    p.add_argument("--verify-timeout", type=float, default=5.0, help="seconds per symbolic answer check")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+@dataclass
+class _Bench:
+    name: str
+    examples: list[Example]
+
+
+def _check_args(args) -> None:
+    if args.k is not None and args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}")
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0 (the protocol samples, at 0.6), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+
+def _load_benchmarks(args, tokenizer) -> list[_Bench]:
+    system = SYSTEM_PROMPTS.get(args.system_prompt, args.system_prompt)
+    cfg = DataConfig(split=args.split, limit=args.limit, prompt=PromptConfig(system_prompt=system))
+    benches: list[_Bench] = []
+    for src in args.data:
+        exs = load_examples(src, tokenizer, cfg)
+        if not exs:
+            raise ValueError(f"--data {src}: no questions")
+        sources = sorted({e.source for e in exs if e.source})
+        if len(sources) > 1:        # e.g. LUFFY's valid.all.parquet: one file, many benchmarks
+            for s in sources:
+                benches.append(_Bench(s, [e for e in exs if e.source == s]))
+        else:
+            benches.append(_Bench(dataset_name(src), exs))
+    names = [b.name for b in benches]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ValueError(f"two --data have the same benchmark name {sorted(dup)}; rename a file")
+    return benches
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    try:
+        return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+                "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}[name]
+    except KeyError:
+        raise ValueError(f"--dtype must be auto, bfloat16, float16 or float32, got {name!r}") from None
+
+
+def _make_engine(args, tokenizer, max_prompt_len: int):
+    """(engine, engine name)."""
+    import torch
+
+    engine = args.engine
+    if engine == "auto":
+        try:
+            import vllm  # noqa: F401
+            has_vllm = True
+        except ImportError:
+            has_vllm = False
+        engine = "vllm" if (has_vllm and torch.cuda.is_available()) else "hf"
+    if engine == "vllm":
+        from .rollout.vllm import VLLMConfig, VLLMRolloutEngine
+
+        cfg = VLLMConfig(model=args.model, dtype=args.dtype if args.dtype != "auto" else "auto",
+                         tensor_parallel_size=args.tensor_parallel_size,
+                         gpu_memory_utilization=args.gpu_memory_utilization,
+                         max_model_len=max_prompt_len + args.max_new_tokens, seed=args.seed,
+                         return_logprobs=False)
+        return VLLMRolloutEngine(cfg, tokenizer), "vllm"
+    from transformers import AutoModelForCausalLM
+
+    from .rollout.hf import HFRolloutEngine
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=_torch_dtype(args.dtype))
+    model.to(device).eval()
+    # bound the KV cache / kept logits of one generate call (prompts x k sequences)
+    return HFRolloutEngine(model, tokenizer, device=device, max_batch_size=64), "hf"
+
+
+def _pass_at_k(scores: Sequence[float]) -> float:
+    return 1.0 if any(s > 0 for s in scores) else 0.0
+
+
+def run_eval(args) -> dict:
+    """Run the evaluation described by parsed `args` (see add_eval_args); returns the results dict."""
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    _check_args(args)
+    out_dir = Path(args.out)
+    (out_dir / "responses").mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    benches = _load_benchmarks(args, tokenizer)
+    max_prompt_len = max(len(e.prompt_ids) for b in benches for e in b.examples)
+    engine, engine_name = _make_engine(args, tokenizer, max_prompt_len)
+    batch = args.batch_size or (10**9 if engine_name == "vllm" else 8)
+
+    results: dict = {
+        "model": str(args.model), "engine": engine_name,
+        "settings": {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+                     "k": args.k, "limit": args.limit, "seed": args.seed, "system_prompt": args.system_prompt},
+        "benchmarks": {},
+    }
+    t_all = time.time()
+    for bi, bench in enumerate(benches):
+        k = args.k or default_k(bench.name)
+        sampling = SamplingConfig(n=k, temperature=args.temperature, top_p=args.top_p,
+                                  max_new_tokens=args.max_new_tokens,
+                                  seed=None if args.seed is None else args.seed + bi)
+        exs = bench.examples
+        per_q: list[list[float]] = []
+        lengths: list[int] = []
+        truncated = 0
+        t0 = time.time()
+        bar = tqdm(total=len(exs), desc=f"{bench.name} (k={k})", unit="q", disable=args.no_progress)
+        with open(out_dir / "responses" / f"{_safe(bench.name)}.jsonl", "w", encoding="utf-8") as fout:
+            for s in range(0, len(exs), batch):
+                chunk = exs[s:s + batch]
+                rolls = engine.generate([e.prompt_ids for e in chunk], sampling)
+                texts, golds = [], []
+                for e, rs in zip(chunk, rolls):
+                    for r in rs:
+                        texts.append(r.text or tokenizer.decode(r.completion_ids, skip_special_tokens=True))
+                        golds.append(e.answer)
+                scores = math_rewards(texts, golds, timeout_s=args.verify_timeout)
+                j = 0
+                for e, rs in zip(chunk, rolls):
+                    qs = scores[j:j + len(rs)]
+                    per_q.append(qs)
+                    for r, sc in zip(rs, qs):
+                        lengths.append(len(r.completion_ids))
+                        truncated += int(r.truncated)
+                        fout.write(json.dumps({"index": e.index, "question": e.question, "answer": e.answer,
+                                               "response": texts[j], "score": sc, "truncated": r.truncated,
+                                               "tokens": len(r.completion_ids)}, ensure_ascii=False) + "\n")
+                        j += 1
+                bar.update(len(chunk))
+                bar.set_postfix(acc=f"{100 * _mean([_mean(q) for q in per_q]):.1f}")
+        bar.close()
+        results["benchmarks"][bench.name] = {
+            "questions": len(exs), "k": k,
+            "avg_at_k": 100 * _mean([_mean(q) for q in per_q]),
+            "pass_at_k": 100 * _mean([_pass_at_k(q) for q in per_q]),
+            "mean_response_tokens": _mean(lengths),
+            "truncated_frac": truncated / max(1, len(lengths)),
+            "seconds": time.time() - t0,
+        }
+    scores = [b["avg_at_k"] for b in results["benchmarks"].values()]
+    results["average"] = _mean(scores)
+    results["seconds"] = time.time() - t_all
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "results.md").write_text(render_markdown(results))
+    if not args.no_progress:
+        print(render_markdown(results))
+    return results
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return float(sum(xs) / len(xs)) if xs else math.nan
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def render_markdown(results: dict) -> str:
+    s = results["settings"]
+    lines = [
+        f"# Evaluation of `{results['model']}`",
+        "",
+        f"engine {results['engine']}, temperature {s['temperature']}, top-p {s['top_p']}, "
+        f"max new tokens {s['max_new_tokens']}, system prompt {s['system_prompt']!r}"
+        + (f", first {s['limit']} questions per set" if s.get("limit") else ""),
+        "",
+        "| benchmark | questions | k | avg@k (%) | pass@k (%) | mean tokens | truncated (%) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, b in results["benchmarks"].items():
+        lines.append(f"| {name} | {b['questions']} | {b['k']} | {b['avg_at_k']:.1f} | {b['pass_at_k']:.1f} | "
+                     f"{b['mean_response_tokens']:.0f} | {100 * b['truncated_frac']:.1f} |")
+    lines.append(f"| **average** | | | **{results['average']:.1f}** | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """`python -m fastupg.evaluate ...` (the CLI wires `fastupg eval` to the same functions)."""
+    parser = add_eval_args(argparse.ArgumentParser(prog="fastupg eval", description=__doc__.split("\n")[0]))
+    return run_eval(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
