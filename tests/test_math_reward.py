@@ -147,6 +147,7 @@ CASES: list[tuple[str, str, float]] = [
     ("25\\%", B("30\\%"), 0.0),
     ("5", B("5 \\text{ meters}"), 1.0),
     ("3", B("3 \\text{ hours}"), 1.0),
+    ("5", B("5\\,\\mathrm{m}^2"), 1.0),
     # --- text answers
     ("\\text{Evelyn}", B("\\text{Evelyn}"), 1.0),
     ("\\text{Evelyn}", B("Evelyn"), 1.0),

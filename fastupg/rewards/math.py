@@ -149,10 +149,15 @@ _UNIT_WORDS = (
     "minute", "min", "hours", "hour", "days", "day", "dollars", "dollar", "cents", "cent", "kg", "g",
     "grams", "gram", "pounds", "pound", "lbs", "square", "sq", "cubic", "mph", "km/h", "m/s", "points",
 )
+_UNITS_RE = "|".join(re.escape(u) for u in sorted(_UNIT_WORDS, key=len, reverse=True))
+_BARE_UNITS_RE = "|".join(re.escape(u) for u in sorted((u for u in _UNIT_WORDS if len(u) > 1), key=len, reverse=True))
+# "5 \text{cm}", "5\,\mathrm{m}^2", "12 inches": a number followed by a unit word. A bare
+# single-letter word is NOT a unit ("2 m" may be 2*m): single letters count only inside \text{}.
 _UNIT_TAIL = re.compile(
-    r"^(?P<num>[+-]?\d+(?:\.\d+)?)\s*(?:\\,|\\;|~|\s)*(?:\\text\{|\\mbox\{|\\mathrm\{)?\s*(?:"
-    + "|".join(re.escape(u) for u in sorted(_UNIT_WORDS, key=len, reverse=True))
-    + r")(?:\^?\{?[23]\}?)?\s*\}?$"
+    r"^(?P<num>[+-]?\d+(?:\.\d+)?)\s*(?:\\,|\\;|~|\s)*(?:"
+    r"\\(?:text|mbox|mathrm)\{\s*(?:" + _UNITS_RE + r")(?:\s+(?:" + _UNITS_RE + r"))?\s*\}"
+    r"|(?<=[\s,;~])(?:" + _BARE_UNITS_RE + r")(?:\s+(?:" + _BARE_UNITS_RE + r"))?"
+    r")(?:\^\{?[23]\}?)?$"
 )
 
 
