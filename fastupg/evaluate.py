@@ -97,7 +97,8 @@ def _check_args(args) -> None:
 
 def _load_benchmarks(args, tokenizer) -> list[_Bench]:
     system = SYSTEM_PROMPTS.get(args.system_prompt, args.system_prompt)
-    cfg = DataConfig(split=args.split, limit=args.limit, prompt=PromptConfig(system_prompt=system))
+    # --limit applies per benchmark, after a multi-benchmark file is split by its data_source
+    cfg = DataConfig(split=args.split, prompt=PromptConfig(system_prompt=system))
     benches: list[_Bench] = []
     for src in args.data:
         exs = load_examples(src, tokenizer, cfg)
@@ -106,9 +107,9 @@ def _load_benchmarks(args, tokenizer) -> list[_Bench]:
         sources = sorted({e.source for e in exs if e.source})
         if len(sources) > 1:        # e.g. LUFFY's valid.all.parquet: one file, many benchmarks
             for s in sources:
-                benches.append(_Bench(s, [e for e in exs if e.source == s]))
+                benches.append(_Bench(s, [e for e in exs if e.source == s][:args.limit]))
         else:
-            benches.append(_Bench(dataset_name(src), exs))
+            benches.append(_Bench(dataset_name(src), exs[:args.limit]))
     names = [b.name for b in benches]
     dup = {n for n in names if names.count(n) > 1}
     if dup:

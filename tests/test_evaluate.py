@@ -133,3 +133,27 @@ def test_end_to_end_on_cpu_with_hf_generate(tmp_path):
     assert (tmp_path / "out" / "results.md").exists()
     rows = [json.loads(x) for x in (tmp_path / "out" / "responses" / "MATH-500.jsonl").read_text().splitlines()]
     assert len(rows) == 20 and all(r["tokens"] <= 8 for r in rows)
+
+
+def test_multi_benchmark_file_is_split_by_source(tmp_path, monkeypatch):
+    """LUFFY-style eval parquet: one file, a data_source column; --limit applies per benchmark."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    model = _tiny_model(tmp_path / "model")
+    rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "reward_model": {"ground_truth": str(i)},
+             "data_source": "aime" if i < 4 else "math"} for i in range(10)]
+    pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "valid.parquet"))
+
+    class Echo:
+        def generate(self, prompts, sampling):
+            return [[Rollout(prompt_ids=p, completion_ids=[1], text="\\boxed{0}") for _ in range(sampling.n)]
+                    for p in prompts]
+
+    monkeypatch.setattr(evaluate, "_make_engine", lambda args, tok, n: (Echo(), "echo"))
+    res = run_eval(_args(["--model", str(model), "--data", str(tmp_path / "valid.parquet"), "--out",
+                          str(tmp_path / "o"), "--limit", "3", "--k", "2", "--no-progress"]))
+    b = res["benchmarks"]
+    assert sorted(b) == ["aime", "math"]
+    assert b["aime"]["questions"] == 3 and b["math"]["questions"] == 3 and b["aime"]["k"] == 2
+    assert b["aime"]["avg_at_k"] == pytest.approx(100 / 3) and b["math"]["avg_at_k"] == 0.0

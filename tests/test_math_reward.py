@@ -295,7 +295,7 @@ def test_normalize_equal(a, b):
 
 @pytest.mark.parametrize("a,b", [
     ("1,2", "12"), ("(1,2)", "[1,2]"), ("-3", "3"), ("\\frac{1}{2}", "\\frac{2}{1}"), ("x", "y"),
-    ("2^3", "23"), ("1,0000", "10000"),
+    ("2^3", "23"), ("1,0000", "10000"), ("2 m", "2"), ("2m", "2"),
 ])
 def test_normalize_keeps_different_apart(a, b):
     assert normalize_answer(a) != normalize_answer(b)
