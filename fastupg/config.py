@@ -1,0 +1,389 @@
+"""The training configuration: one frozen dataclass, loaded from YAML plus `key=value` overrides.
+
+Names follow TRL's GRPOConfig / TrainingArguments where a TRL name exists (num_generations,
+temperature, max_completion_length, epsilon, epsilon_high, beta, loss_type, learning_rate,
+per_device_train_batch_size, gradient_accumulation_steps, max_steps, save_steps, logging_steps,
+eval_steps, seed, output_dir, max_grad_norm, warmup_ratio, lr_scheduler_type, ...).
+`loss_type` selects the estimator preset (fastupg.estimator.PRESETS; TRL's grpo / dr_grpo / dapo
+mean the same thing here).
+
+Every check runs in `TrainConfig.__post_init__`, i.e. BEFORE any model, data or process is touched:
+an unknown key, a wrong type or an impossible combination is a ValueError/TypeError naming the key
+(with a did-you-mean suggestion for typos).
+
+Batch sizes (as in TRL, counted in completions): one optimizer step on one rank consumes
+`per_device_train_batch_size * gradient_accumulation_steps` completions, i.e. that many divided by
+`num_generations` prompts (for `sft`, which samples nothing, one demonstration per prompt). The
+micro-batches are NOT fixed-size: the step's rows are packed under `max_tokens_per_microbatch`, and
+the loss is normalised over the whole step, so the gradient equals that of one big batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEDULERS = ("constant", "cosine", "linear")
+HPT_MODES = ("switch", "soft")
+REWARDS = ("auto", "arith", "math")
+REPORT_TO = ("jsonl", "tensorboard", "wandb")
+ATTN = ("auto", "sdpa", "eager", "flash_attention_2")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # -- model and data ---------------------------------------------------------------------------
+    model: str = "embedded"             # HF path/dir, or "embedded": the tiny model built by fastupg.task.tiny
+    model_size: str = "tiny"            # embedded model size (fastupg.task.tiny.SIZES)
+    embedded_dir: str = ".fastupg/embedded"  # where the embedded task/model is built (once)
+    train_file: str | None = None       # jsonl/json/parquet with prompt/solution/answer; None: embedded task
+    eval_file: str | None = None
+    reward: str = "auto"                # auto: arith for the embedded task, math otherwise
+    system_prompt: str | None = None
+    max_prompt_length: int = 512
+    # -- estimator (TRL names where they exist) ---------------------------------------------------
+    loss_type: str = "hpt"              # estimator preset: sft grpo dr_grpo dapo cispo gspo reinforce srft luffy hpt
+    epsilon: float | None = None        # clip eps_low (None: the preset's)
+    epsilon_high: float | None = None   # clip eps_high (None: the preset's; DAPO 0.28)
+    dual_clip: float | None = None
+    beta: float = 0.0                   # KL coefficient (TRL's name); needs a reference model copy
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0           # entropy bonus (official HPT code: 0.001)
+    scale_rewards: bool | None = None   # divide group advantages by std (None: preset; False = Dr.GRPO)
+    agg: str | None = None              # aggregation mode override (fastupg.estimator.AGGS)
+    offline_agg: str | None = None      # separate aggregation of demonstration tokens (official HPT: token-mean)
+    agg_norm: float | None = None       # constant of seq-mean-token-sum-norm (None: max_completion_length)
+    online_clip: bool = True            # False: on-policy branch without clipping (official HPT code)
+    offline_coef: float | None = None   # coefficient of the demonstration branch (None: preset's 1.0)
+    luffy_gamma: float | None = None    # LUFFY policy shaping gamma (None: preset's)
+    # -- HPT routing ------------------------------------------------------------------------------
+    hpt_mode: str = "switch"            # switch: alpha=1[P>gate], beta=1[P<=gate]; soft: alpha=P, beta=1-P
+    hpt_gate: float = 0.0               # gamma of the paper (0 for Qwen, 0.25 for LLaMA)
+    # -- sampling ---------------------------------------------------------------------------------
+    num_generations: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_completion_length: int = 256
+    # -- optimisation -----------------------------------------------------------------------------
+    learning_rate: float = 1e-6
+    lr_scheduler_type: str = "constant"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0           # cosine/linear floor as a fraction of learning_rate
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0          # <= 0: no clipping
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_tokens_per_microbatch: int = 8192
+    num_iterations: int = 1             # policy updates per generated batch (TRL's name; mu in GRPO)
+    max_steps: int = 100
+    seed: int = 42
+    # -- systems ----------------------------------------------------------------------------------
+    torch_dtype: str = "auto"           # parameters' dtype; auto: fp32 on CPU, bf16 mixed precision on GPU
+    attn_implementation: str = "auto"   # auto: flash_attention_2 when installed on GPU, else sdpa
+    gradient_checkpointing: bool = False
+    use_liger_kernel: bool = True       # only takes effect on GPU with liger-kernel installed
+    use_fused_loss: bool = True         # fastupg.kernels when available (torch reference otherwise)
+    fsdp: bool = True                   # fully_shard the model when world size > 1
+    # -- output -----------------------------------------------------------------------------------
+    output_dir: str = "runs/fastupg"
+    logging_steps: int = 1
+    save_steps: int = 50                # 0: save only at the end
+    save_total_limit: int | None = 2
+    eval_steps: int = 0                 # 0: no held-out evaluation during training
+    eval_samples: int = 200             # held-out prompts per evaluation (greedy)
+    eval_max_new_tokens: int | None = None  # None: max_completion_length
+    eval_batch_size: int = 64
+    report_to: tuple[str, ...] = ("jsonl", "tensorboard")
+    wandb_project: str | None = None
+    run_name: str | None = None
+    plot: bool = True
+    progress_bar: bool = True
+    resume: bool | str = False          # True: latest complete checkpoint in output_dir; str: that checkpoint
+    # -- multi-stage recipes (sft-then-grpo) --------------------------------------------------------
+    stages: tuple = ()                  # tuple of dicts: per-stage overrides (each with its own max_steps)
+
+    def __post_init__(self):
+        _check_types(self)
+        from fastupg.estimator import AGGS, KL_ESTIMATORS, PRESETS
+        _one_of("loss_type", self.loss_type, [p for p in PRESETS if p != "ppo"],
+                extra=" ('ppo' needs a value model, which the trainer does not train)" if self.loss_type == "ppo" else "")
+        _one_of("hpt_mode", self.hpt_mode, HPT_MODES)
+        _one_of("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
+        _one_of("reward", self.reward, REWARDS)
+        _one_of("attn_implementation", self.attn_implementation, ATTN)
+        _one_of("torch_dtype", self.torch_dtype, DTYPES)
+        _one_of("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        for k in ("agg", "offline_agg"):
+            if getattr(self, k) is not None:
+                _one_of(k, getattr(self, k), AGGS)
+        for r in self.report_to:
+            _one_of("report_to", r, REPORT_TO)
+        positive = ("num_generations", "max_completion_length", "per_device_train_batch_size",
+                    "gradient_accumulation_steps", "max_tokens_per_microbatch", "max_steps", "logging_steps",
+                    "max_prompt_length", "eval_samples", "eval_batch_size", "num_iterations")
+        for k in positive:
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        for k in ("save_steps", "eval_steps", "warmup_steps"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
+        for k in ("learning_rate", "temperature"):
+            if not (math.isfinite(getattr(self, k)) and getattr(self, k) > 0):
+                raise ValueError(f"{k} must be finite and > 0, got {getattr(self, k)}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.hpt_gate < 1:
+            raise ValueError(f"hpt_gate must be in [0, 1), got {self.hpt_gate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for k in ("beta", "entropy_coef", "weight_decay"):
+            if not (math.isfinite(getattr(self, k)) and getattr(self, k) >= 0):
+                raise ValueError(f"{k} must be finite and >= 0, got {getattr(self, k)}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"save_total_limit must be >= 1 or null, got {self.save_total_limit}")
+        if self.wandb_project is not None and "wandb" not in self.report_to:
+            raise ValueError("wandb_project is set but 'wandb' is not in report_to")
+        # -- combinations --
+        if self.loss_type != "sft":
+            if self.completions_per_step % self.num_generations:
+                raise ValueError(
+                    f"per_device_train_batch_size * gradient_accumulation_steps = {self.completions_per_step} "
+                    f"must be a multiple of num_generations = {self.num_generations} (whole groups per rank)")
+            if self.loss_type in ("grpo", "dr_grpo", "dapo", "cispo", "gspo", "hpt") and self.num_generations < 2:
+                raise ValueError(f"loss_type={self.loss_type!r} compares rollouts within a group: "
+                                 f"num_generations must be >= 2, got {self.num_generations}")
+        if self.num_iterations > 1 and self.loss_type == "sft":
+            raise ValueError("num_iterations > 1 means nothing for loss_type='sft' (no rollouts)")
+        if self.max_tokens_per_microbatch < self.max_completion_length:
+            raise ValueError(f"max_tokens_per_microbatch={self.max_tokens_per_microbatch} must be >= "
+                             f"max_completion_length={self.max_completion_length} (one sequence must fit)")
+        if self.hpt_mode != "switch" and self.loss_type != "hpt":
+            raise ValueError(f"hpt_mode={self.hpt_mode!r} only applies to loss_type='hpt'")
+        if self.luffy_gamma is not None and self.loss_type not in ("luffy", "srft"):
+            raise ValueError("luffy_gamma only applies to loss_type 'luffy' or 'srft' (ref='one' demonstrations)")
+        self.estimator()  # the Estimator's own checks (clip bounds, aggregation, ...) with key names below
+        for i, st in enumerate(self.stages):
+            if not isinstance(st, dict):
+                raise TypeError(f"stages[{i}] must be a mapping of overrides, got {type(st).__name__}")
+            if "stages" in st:
+                raise ValueError(f"stages[{i}] cannot itself contain 'stages'")
+            _check_keys(st, where=f"stages[{i}]")
+        if self.stages:
+            self.stage_configs()  # validate every stage now, before any work
+
+    # -- derived ------------------------------------------------------------------------------------
+    @property
+    def completions_per_step(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def prompts_per_step(self) -> int:
+        """Prompts one rank consumes per optimizer step."""
+        if self.loss_type == "sft":
+            return self.completions_per_step
+        return self.completions_per_step // self.num_generations
+
+    @property
+    def total_steps(self) -> int:
+        return sum(c.max_steps for c in self.stage_configs()) if self.stages else self.max_steps
+
+    def stage_configs(self) -> list["TrainConfig"]:
+        """One config per stage (the stage's overrides on top of this config), or [self]."""
+        if not self.stages:
+            return [self]
+        out = []
+        for i, st in enumerate(self.stages):
+            try:
+                out.append(dataclasses.replace(self, stages=(), **_coerce_all(st)))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"stages[{i}]: {e}") from None
+        return out
+
+    def estimator(self):
+        """The fastupg.Estimator this config trains with (preset + overrides)."""
+        from fastupg.estimator import Branch, Estimator
+        ov: dict = {}
+        if self.epsilon is not None:
+            ov["eps_low"] = self.epsilon
+        if self.epsilon_high is not None:
+            ov["eps_high"] = self.epsilon_high
+        elif self.epsilon is not None and self.loss_type in ("grpo", "srft", "luffy", "hpt", "dr_grpo"):
+            ov["eps_high"] = self.epsilon  # TRL: epsilon_high defaults to epsilon
+        if self.dual_clip is not None:
+            ov["dual_clip"] = self.dual_clip
+        if self.beta:
+            ov["kl_coef"] = self.beta
+        ov["kl_estimator"] = self.kl_estimator
+        if self.entropy_coef:
+            ov["entropy_coef"] = self.entropy_coef
+        if self.scale_rewards is not None:
+            ov["adv_std"] = self.scale_rewards
+        if self.agg is not None:
+            ov["agg"] = self.agg
+        if self.offline_agg is not None:
+            ov["offline_agg"] = self.offline_agg
+        if self.agg_norm is not None:
+            ov["agg_norm"] = self.agg_norm
+        if self.luffy_gamma is not None:
+            ov["gamma"] = self.luffy_gamma
+        base = Estimator.preset(self.loss_type)
+        if not self.online_clip:
+            if base.online is None:
+                raise ValueError(f"online_clip=false: loss_type={self.loss_type!r} has no on-policy branch")
+            ov["online"] = dataclasses.replace(base.online, mask="none")
+        if self.offline_coef is not None:
+            if base.offline is None:
+                raise ValueError(f"offline_coef: loss_type={self.loss_type!r} has no demonstration branch")
+            ov["offline"] = dataclasses.replace(base.offline, coef=self.offline_coef)
+        try:
+            return Estimator.preset(self.loss_type, **ov)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"invalid estimator settings for loss_type={self.loss_type!r}: {e}") from None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["report_to"] = list(self.report_to)
+        d["stages"] = [dict(s) for s in self.stages]
+        return d
+
+
+# -- loading ----------------------------------------------------------------------------------------
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, list(FIELDS), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _check_keys(d: dict, where: str = "config") -> None:
+    for k in d:
+        if k not in FIELDS:
+            raise ValueError(f"unknown {where} key {k!r}{_suggest(str(k))} (see fastupg/config.py for all keys)")
+
+
+def _one_of(key, value, allowed, extra=""):
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{key}={value!r} is not one of {list(allowed)}{hint}{extra}")
+
+
+def _type_ok(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is tuple or hint is tuple:
+        return isinstance(value, tuple)
+    return isinstance(value, hint)
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    for name, f in FIELDS.items():
+        v = getattr(cfg, name)
+        if not _type_ok(v, _HINTS[name]):
+            raise TypeError(f"config key {name!r} must be {_HINTS[name]}, got {v!r} ({type(v).__name__})")
+        if isinstance(v, int) and not isinstance(v, bool) and _HINTS[name] in (float, float | None):
+            object.__setattr__(cfg, name, float(v))
+
+
+def _parse_scalar(text: str):
+    """A command-line value: YAML scalar rules (1e-5, true, null, [a, b])."""
+    import yaml
+    try:
+        v = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return _maybe_number(v)
+
+
+def _maybe_number(v):
+    """YAML 1.1 reads '1e-5' (no dot) as a string; numbers are what people mean."""
+    if isinstance(v, str):
+        try:
+            return int(v)
+        except ValueError:
+            pass
+        try:
+            f = float(v)
+            return f if math.isfinite(f) else v
+        except ValueError:
+            return v
+    return v
+
+
+def _coerce(key: str, value):
+    """Bring a YAML/CLI value to the field's type where that is unambiguous (list -> tuple, 1 -> 1.0)."""
+    hint = _HINTS[key]
+    if hint in (float, float | None, int, int | None):
+        value = _maybe_number(value)
+    if key == "report_to":
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value not in ("none", "") else []
+        if isinstance(value, list):
+            return tuple(value)
+    if key == "stages" and isinstance(value, list):
+        return tuple(value)
+    if key == "resume" and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, int) and not isinstance(value, bool) and hint in (float, float | None):
+        return float(value)
+    if hint in (str, str | None) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+def _coerce_all(d: dict) -> dict:
+    _check_keys(d)
+    return {k: _coerce(k, v) for k, v in d.items()}
+
+
+def parse_overrides(items) -> dict:
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise ValueError(f"override {it!r} must look like key=value")
+        k, v = it.split("=", 1)
+        k = k.strip().lstrip("-").replace("-", "_")
+        if k not in FIELDS:
+            raise ValueError(f"unknown config key {k!r}{_suggest(k)} (from override {it!r})")
+        out[k] = _parse_scalar(v)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides=(), **kwargs) -> TrainConfig:
+    """YAML file (may be None) + `key=value` strings + keyword overrides -> validated TrainConfig."""
+    import yaml
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"--config {str(path)!r}: no such file")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config {str(path)!r}: top level must be a mapping of keys, got {type(loaded).__name__}")
+        data.update(loaded)
+    data.update(parse_overrides(overrides))
+    data.update(kwargs)
+    return TrainConfig(**_coerce_all(data))
