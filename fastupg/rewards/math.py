@@ -119,7 +119,6 @@ def extract_last_boxed(text: str) -> str | None:
     return None  # unbalanced
 
 
-_LETTERS = "ABCDEFGHIJ"
 _CHOICE_IN_BOX = re.compile(r"^\s*(?:\\text\{|\\textbf\{|\\mathrm\{)?\s*\(?\s*([A-Ja-j])(?![A-Za-z0-9])")
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*[:\s]*\**\s*\(?\s*\$?\s*(?:\\text\{|\\textbf\{)?\(?([A-J])\)?\b", re.I)
 
@@ -171,7 +170,7 @@ def normalize_answer(s: str) -> str:
     if m:
         s = m.group("num")
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    s = s.replace("\\left", "").replace("\\right", "")
+    s = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", s)     # not \leftarrow
     s = re.sub(r"\\[!,;:]|~|\\ ", "", s)
     s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree", "", s)
     s = s.replace("\\%", "").replace("%", "")
