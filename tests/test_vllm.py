@@ -188,3 +188,91 @@ def test_vllm_engine_end_to_end(tmp_path):
     eng.sync_weights((n, p) for n, p in model.state_dict().items())
     out2 = eng.generate(prompts, sc)
     assert [r.completion_ids for r in out2[0]] != [r.completion_ids for r in out[0]]
+
+
+class _FakeLLM:
+    """Records what the engine asks of vllm.LLM; answers generate with scripted outputs."""
+
+    def __init__(self, direct=True):
+        self.loaded, self.calls = [], []
+        if direct:
+            model = SimpleNamespace(load_weights=lambda w: self.loaded.append(list(w)))
+            self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(
+                driver_worker=SimpleNamespace(model_runner=SimpleNamespace(model=model))))
+
+    def reset_prefix_cache(self):
+        self.calls.append("reset")
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake", tags))
+
+    def generate(self, requests, sampling_params, use_tqdm):
+        self.calls.append(("generate", sampling_params))
+        return [_fake_output(r["prompt_token_ids"], [([7] * (1 + j), [-0.5] * (1 + j), "stop")
+                                                     for j in range(sampling_params["n"])]) for r in requests]
+
+
+class _RPCOnlyLLM(_FakeLLM):
+    def __init__(self):
+        super().__init__(direct=False)
+
+    def collective_rpc(self, fn, args=()):
+        worker = SimpleNamespace(model_runner=SimpleNamespace(
+            model=SimpleNamespace(load_weights=lambda w: self.loaded.append(list(w)))))
+        return [fn(worker, *args)]
+
+
+def _engine(llm, **cfg):
+    eng = object.__new__(VLLMRolloutEngine)       # skip __init__: no vLLM here
+    eng.cfg, eng.llm, eng.tokenizer = VLLMConfig(model="m", **cfg), llm, None
+    eng.rank, eng.world, eng._tp_group, eng._asleep = 0, 1, None, False
+    eng._sampling_cls = dict
+    return eng
+
+
+@pytest.mark.parametrize("llm_cls", [_FakeLLM, _RPCOnlyLLM])
+def test_sync_weights_maps_names_chunks_and_resets_cache(llm_cls):
+    llm = llm_cls()
+    eng = _engine(llm, weight_sync_chunk=2)
+    g = torch.Generator().manual_seed(0)
+    named = [("_orig_mod.model.embed_tokens.weight", torch.randn(4, 3, generator=g)),
+             ("model.layers.0._checkpoint_wrapped_module.mlp.up_proj.weight", torch.randn(5, 3, generator=g)),
+             ("lm_head.weight", torch.randn(4, 3, generator=g))]
+    eng.sync_weights(iter(named))
+    assert [len(b) for b in llm.loaded] == [2, 1]
+    got = [n for b in llm.loaded for n, _ in b]
+    assert got == ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "lm_head.weight"]
+    assert all(torch.equal(a, t) for (_, a), (_, t) in zip([x for b in llm.loaded for x in b], named))
+    assert llm.calls[-1] == "reset"
+    with pytest.raises(TypeError):
+        eng.sync_weights([("x", [1.0])])
+
+
+def test_sleep_wake_state_and_generate_with_a_fake_llm():
+    llm = _FakeLLM()
+    eng = _engine(llm, enable_sleep_mode=True, sleep_level=2)
+    eng.sleep()
+    eng.sleep()                                   # idempotent
+    with pytest.raises(RuntimeError, match="asleep"):
+        eng.generate([[1, 2]], SamplingConfig(n=2))
+    eng.wake_up(tags=["weights"])                 # weights only: still asleep for generation
+    assert eng._asleep
+    eng.wake_up(tags=["kv_cache"])
+    assert not eng._asleep
+    assert llm.calls == [("sleep", 2), ("wake", ["weights"]), ("wake", ["kv_cache"])]
+    out = eng.generate([[1, 2], [3]], SamplingConfig(n=2, max_new_tokens=9, temperature=0.8))
+    assert [[len(r.completion_ids) for r in o] for o in out] == [[1, 2], [1, 2]]
+    assert out[1][1].logprobs == [-0.5, -0.5] and out[1][0].prompt_ids == [3]
+    sp = llm.calls[-1][1]
+    assert sp["max_tokens"] == 9 and sp["temperature"] == 0.8 and sp["logprobs"] == 0
+    with pytest.raises(ValueError, match="empty"):
+        eng.generate([[]], SamplingConfig())
+    # without sleep mode, sleep/wake are no-ops
+    llm2 = _FakeLLM()
+    eng2 = _engine(llm2)
+    eng2.sleep()
+    eng2.wake_up()
+    assert llm2.calls == []

@@ -321,12 +321,14 @@ class VLLMRolloutEngine:
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], strip_prefixes: Sequence[str] = ()) -> None:
         load = self._loader()
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         batch: list[tuple[str, torch.Tensor]] = []
         for name, t in named_tensors:
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"sync_weights: {name} is a {type(t).__name__}, not a tensor")
             full = t.full_tensor() if hasattr(t, "full_tensor") else t   # a DTensor the caller did not gather
-            batch.append((vllm_weight_name(name, strip_prefixes), full.detach().to("cuda", non_blocking=True)))
+            full = full.detach() if device is None else full.detach().to(device, non_blocking=True)
+            batch.append((vllm_weight_name(name, strip_prefixes), full))
             if len(batch) >= self.cfg.weight_sync_chunk:
                 load(batch)
                 batch = []
@@ -362,12 +364,14 @@ class VLLMRolloutEngine:
             return model.load_weights
         except AttributeError:
             pass
+        if hasattr(self.llm, "collective_rpc"):
+            # the callable runs on every worker (pickled by value when workers are processes)
+            def rpc(batch):
+                def _load(worker, weights):
+                    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
+                    runner.model.load_weights(weights)
+                self.llm.collective_rpc(_load, args=(batch,))
+            return rpc
         if hasattr(self.llm, "apply_model"):
             return lambda batch: self.llm.apply_model(lambda m: m.load_weights(batch))
-        if hasattr(self.llm, "collective_rpc"):
-            def rpc(batch):
-                def _load(worker, weights=batch):
-                    worker.model_runner.model.load_weights(weights)
-                self.llm.collective_rpc(_load)
-            return rpc
         raise RuntimeError("cannot reach the vLLM model to load weights into (unsupported vLLM version)")
