@@ -200,6 +200,15 @@ CASES: list[tuple[str, str, float]] = [
     ("0", B("-0"), 1.0),
     ("17", B("0017"), 1.0),
     ("8", B("\\mathbf{8}"), 1.0),
+    # AMC-style choice label in front of the value; scientific-notation golds (Minerva)
+    ("12", B("\\text{(C)}\\ 12"), 1.0),
+    ("12", B("\\textbf{(C) }12"), 1.0),
+    ("12", B("\\textbf{(C) 12}"), 1.0),
+    ("12", B("\\textbf{(C) }13"), 0.0),
+    ("\\frac{1}{2}", B("(A)\\ \\frac{1}{2}"), 1.0),
+    ("4.5e33", B("4.5 \\times 10^{33}"), 1.0),
+    ("4.5e33", B("4.6 \\times 10^{33}"), 0.0),
+    ("1e-3", B("0.001"), 1.0),
 ]
 
 # GPQA-style multiple choice: gold is a letter

@@ -205,7 +205,35 @@ def _strip_gold(gold: str) -> str:
         inner = extract_last_boxed(g)
         if inner is not None:
             g = inner
-    return g
+    return _sci_to_latex(g)
+
+
+_SCI = re.compile(r"^\s*\$?\s*([+-]?\d+(?:\.\d+)?)\s*[eE]\s*([+-]?\d+)\s*\$?\s*$")
+
+
+def _sci_to_latex(s: str) -> str:
+    """`4.5e33` (Minerva golds) -> `4.5\\times10^{33}`: math-verify would read e as Euler's number."""
+    m = _SCI.match(s)
+    return f"{m.group(1)}\\times10^{{{m.group(2)}}}" if m else s
+
+
+# "(C) 12", "\\textbf{(C) }12", "\\text{(C)}\\ 12": an AMC-style choice label before the value
+_CHOICE_LABEL = re.compile(
+    r"^\s*(?:\\text(?:bf)?\{\s*\(\s*[A-E]\s*\)\s*\}|\\text(?:bf)?\{\s*\(\s*[A-E]\s*\)\s*|\(\s*[A-E]\s*\))"
+    r"(?P<close>\})?(?:\\[ ,;:!]|~|\s)*(?=\S)"
+)
+
+
+def _strip_choice_label(ans: str) -> str:
+    m = _CHOICE_LABEL.match(ans)
+    if not m:
+        return ans
+    rest = ans[m.end():]
+    # `\\textbf{(C) 12}`: the label opened a \\text group that closes after the value
+    if ans.lstrip().startswith("\\text") and m.group("close") is None and "}" not in m.group(0):
+        if rest.endswith("}"):
+            rest = rest[:-1]
+    return rest.strip() or ans
 
 
 _CHOICE_GOLD = re.compile(r"^\s*\(?\s*([A-J])\s*\)?\s*$")
@@ -389,6 +417,9 @@ def _fast_score(response: str, gold: str, cfg: VerifierConfig) -> tuple[float | 
     g = _strip_gold(gold)
     if not g:
         raise ValueError("gold answer is empty")
+    if not _CHOICE_LABEL.match(g):   # a gold that itself starts with "(A)" keeps the answer's label
+        answer = _strip_choice_label(answer)
+    answer = _sci_to_latex(answer)
     ng, na = normalize_answer(g), normalize_answer(answer)
     if ng == na:
         return 1.0, g, answer
