@@ -66,7 +66,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help="prompts per generate call (default: all for vLLM, 8 for HF)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="auto", help="model dtype: auto, bfloat16, float16, float32")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                   help="model dtype (auto: bfloat16 on GPU, float32 on CPU for HF; the checkpoint's for vLLM)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM only")
     p.add_argument("--verify-timeout", type=float, default=5.0, help="seconds per symbolic answer check")
@@ -123,8 +124,7 @@ def _torch_dtype(name: str):
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     try:
-        return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-                "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}[name]
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
     except KeyError:
         raise ValueError(f"--dtype must be auto, bfloat16, float16 or float32, got {name!r}") from None
 
@@ -144,7 +144,7 @@ def _make_engine(args, tokenizer, max_prompt_len: int):
     if engine == "vllm":
         from .rollout.vllm import VLLMConfig, VLLMRolloutEngine
 
-        cfg = VLLMConfig(model=args.model, dtype=args.dtype if args.dtype != "auto" else "auto",
+        cfg = VLLMConfig(model=args.model, dtype=args.dtype,
                          tensor_parallel_size=args.tensor_parallel_size,
                          gpu_memory_utilization=args.gpu_memory_utilization,
                          max_model_len=max_prompt_len + args.max_new_tokens, seed=args.seed,
