@@ -276,3 +276,15 @@ def test_sleep_wake_state_and_generate_with_a_fake_llm():
     eng2.sleep()
     eng2.wake_up()
     assert llm2.calls == []
+
+
+def test_iter_full_state_plain_module_feeds_sync():
+    from fastupg.rollout.vllm import iter_full_state
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    got = dict(iter_full_state(m))
+    assert list(got) == list(m.state_dict()) and all(torch.equal(got[k], v) for k, v in m.state_dict().items())
+    llm = _FakeLLM()
+    _engine(llm).sync_weights(iter_full_state(m))
+    assert [n for b in llm.loaded for n, _ in b] == list(m.state_dict())

@@ -40,7 +40,7 @@ from .base import Rollout, SamplingConfig
 
 __all__ = [
     "VLLMConfig", "VLLMRolloutEngine", "build_llm_kwargs", "build_sampling_kwargs",
-    "parse_request_outputs", "vllm_weight_name", "is_correction", "IS_MODES",
+    "parse_request_outputs", "vllm_weight_name", "is_correction", "IS_MODES", "iter_full_state",
 ]
 
 _INSTALL_HINT = "vLLM is not installed: pip install fastupg[vllm]  (vllm>=0.10.2,<0.13; needs a CUDA GPU)"
@@ -197,6 +197,17 @@ def vllm_weight_name(name: str, strip_prefixes: Sequence[str] = ()) -> str:
     while parts and parts[0] == "module":
         parts = parts[1:]
     return ".".join(parts)
+
+
+def iter_full_state(model: torch.nn.Module):
+    """(name, full tensor) for every state-dict entry, gathering one FSDP2 shard at a time.
+
+    ``DTensor.full_tensor()`` is a collective: every rank must run this loop in step (the
+    state-dict order is the same on all ranks). Peak extra memory is one full parameter.
+    Feed it to :meth:`VLLMRolloutEngine.sync_weights`.
+    """
+    for name, t in model.state_dict().items():
+        yield name, (t.full_tensor() if hasattr(t, "full_tensor") else t)
 
 
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
