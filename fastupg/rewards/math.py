@@ -397,6 +397,18 @@ def shutdown_verifier_pool() -> None:
 atexit.register(shutdown_verifier_pool)
 
 
+def _forget_pool_after_fork() -> None:
+    # the parent's workers and locks are not ours (a lock held by another thread at fork time
+    # would never be released here): start from nothing, a pool is made on first use
+    global _POOL, _POOL_LOCK
+    _POOL = None
+    _POOL_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
