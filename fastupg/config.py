@@ -44,7 +44,7 @@ class TrainConfig:
     train_file: str | None = None       # jsonl/json/parquet with prompt/solution/answer; None: embedded task
     eval_file: str | None = None
     reward: str = "auto"                # auto: arith for the embedded task, math otherwise
-    system_prompt: str | None = None
+    system_prompt: str | None = "auto"  # auto: none for the embedded task, the paper's (LUFFY) prompt otherwise
     max_prompt_length: int = 512
     # -- estimator (TRL names where they exist) ---------------------------------------------------
     loss_type: str = "hpt"              # estimator preset: sft grpo dr_grpo dapo cispo gspo reinforce srft luffy hpt
@@ -64,6 +64,7 @@ class TrainConfig:
     # -- HPT routing ------------------------------------------------------------------------------
     hpt_mode: str = "switch"            # switch: alpha=1[P>gate], beta=1[P<=gate]; soft: alpha=P, beta=1-P
     hpt_gate: float = 0.0               # gamma of the paper (0 for Qwen, 0.25 for LLaMA)
+    hpt_soft: str = "linear"            # soft mode's (f, g): fastupg.hpt.SOFT_FUNCTIONS (linear: P, 1-P)
     # -- sampling ---------------------------------------------------------------------------------
     num_generations: int = 8
     temperature: float = 1.0
@@ -118,6 +119,8 @@ class TrainConfig:
         _one_of("loss_type", self.loss_type, [p for p in PRESETS if p != "ppo"],
                 extra=" ('ppo' needs a value model, which the trainer does not train)" if self.loss_type == "ppo" else "")
         _one_of("hpt_mode", self.hpt_mode, HPT_MODES)
+        from fastupg.hpt import SOFT_FUNCTIONS
+        _one_of("hpt_soft", self.hpt_soft, sorted(SOFT_FUNCTIONS))
         _one_of("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
         _one_of("reward", self.reward, REWARDS)
         _one_of("attn_implementation", self.attn_implementation, ATTN)

@@ -1,0 +1,132 @@
+"""Process groups and FSDP2 for the trainer; a no-op single process when not launched by torchrun.
+
+    torchrun --nproc-per-node 8 -m fastupg train --config configs/hpt-paper.yaml      # one node
+    torchrun --nnodes 2 --node-rank R --master-addr H --nproc-per-node 8 -m fastupg train ...
+
+Backend: nccl on CUDA, gloo on CPU (the two-rank CPU test uses gloo). The model is sharded with
+`torch.distributed.fsdp.fully_shard` per decoder layer and then at the root, with a
+MixedPrecisionPolicy (bf16 compute, fp32 reduce) on GPU and activation checkpointing per layer
+when asked. Gradients are reduce-scattered as SUMS (divide factor 1): the trainer's loss is already
+normalised over the global batch, so the sum over ranks is the gradient of the one big batch.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init(device: str | None = None) -> DistInfo:
+    """Join the process group torchrun (or the test's spawn) described in the environment, if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def all_gather_object(obj, info: DistInfo) -> list:
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_max(x: int, info: DistInfo) -> int:
+    if not info.distributed:
+        return x
+    t = torch.tensor([x], dtype=torch.long, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.distributed:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def broadcast_object(obj, info: DistInfo):
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated transformer blocks of a Hugging Face causal LM (model.model.layers for Llama/Qwen2)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find decoder layers on {type(model).__name__} (expected model.model.layers)")
+    return list(layers)
+
+
+def apply_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant, composes with FSDP2)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl, apply_activation_checkpointing as _apply, checkpoint_wrapper)
+    layer_types = tuple({type(m) for m in decoder_layers(model)})
+    _apply(model, checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+           check_fn=lambda m: isinstance(m, layer_types))
+
+
+def shard_model(model, info: DistInfo, mixed_precision: bool):
+    """FSDP2: fully_shard every decoder layer, then the root; gradients summed (not averaged) over ranks."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if mixed_precision else MixedPrecisionPolicy())
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    for m in model.modules():
+        if hasattr(m, "set_gradient_divide_factor"):
+            m.set_gradient_divide_factor(1.0)
+    return model
+
+
+def full_state_dict(model, info: DistInfo, cpu: bool = True) -> dict:
+    """Unsharded HF-named tensors (on every rank for FSDP; cheap for the tiny model, CPU-offloaded otherwise)."""
+    if not info.distributed:
+        return {k: (v.detach().cpu() if cpu else v.detach()) for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu,
+                                                                broadcast_from_rank0=False))

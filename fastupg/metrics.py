@@ -1,0 +1,115 @@
+"""Run logging: console, JSONL, TensorBoard, W&B (when configured and installed), and a PNG plot.
+
+Metric names follow TRL's GRPOTrainer where TRL has one (reward, reward_std, entropy,
+clip_ratio/low_mean, clip_ratio/high_mean, completions/mean_length, completions/clipped_ratio,
+kl, loss, grad_norm, learning_rate), plus hpt/sft_fraction and eval/accuracy.
+Only rank 0 creates a logger that writes anything.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+CONSOLE_KEYS = ("loss", "reward", "hpt/sft_fraction", "eval/accuracy", "grad_norm", "learning_rate",
+                "completions/mean_length", "tokens_per_s")
+
+
+class RunLogger:
+    def __init__(self, output_dir, report_to=("jsonl",), run_name: str | None = None, config: dict | None = None,
+                 wandb_project: str | None = None, enabled: bool = True, console=print):
+        self.dir = Path(output_dir)
+        self.enabled = enabled
+        self.console = console
+        self.history: list[dict] = []
+        self._jsonl = self._tb = self._wandb = None
+        if not enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if "jsonl" in report_to:
+            self._jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
+        if "tensorboard" in report_to:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
+            except ImportError as e:  # pragma: no cover
+                console(f"[fastupg] tensorboard not available ({e}); not logging to it")
+        if "wandb" in report_to:
+            try:
+                import wandb
+                self._wandb = wandb.init(project=wandb_project or "fastupg", name=run_name, config=config,
+                                         dir=str(self.dir))
+            except ImportError:
+                console("[fastupg] report_to has 'wandb' but wandb is not installed; skipping it")
+
+    def log(self, step: int, metrics: dict, print_console: bool = True) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        self.history.append(row)
+        if self._jsonl:
+            self._jsonl.write(json.dumps(row) + "\n")
+            self._jsonl.flush()
+        if self._tb:
+            for k, v in metrics.items():
+                self._tb.add_scalar(k, float(v), step)
+        if self._wandb:
+            self._wandb.log(dict(metrics), step=step)
+        if print_console and self.console:
+            parts = [f"{k}={_fmt(row[k])}" for k in CONSOLE_KEYS if k in row]
+            self.console(f"step {step}: " + " ".join(parts))
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb:
+            self._tb.close()
+            self._tb = None
+        if self._wandb:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _fmt(v: float) -> str:
+    if v == 0 or (1e-3 <= abs(v) < 1e4):
+        return f"{v:.4g}"
+    return f"{v:.3e}"
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_run(history: list[dict], path, title: str = "fastupg run") -> Path:
+    """Reward, held-out accuracy and SFT fraction over steps, one PNG (matplotlib Agg backend)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        pts = [(r["step"], r[key]) for r in history if key in r and math.isfinite(r[key])]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key, label, style in (("reward", "train reward (mean over rollouts)", "-"),
+                              ("eval/accuracy", "held-out accuracy (greedy)", "o-"),
+                              ("hpt/sft_fraction", "SFT fraction of prompts", "--")):
+        x, y = series(key)
+        if x:
+            ax.plot(x, y, style, label=label, markersize=4)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
