@@ -169,9 +169,6 @@ class TrainConfig:
                                  f"num_generations must be >= 2, got {self.num_generations}")
         if self.num_iterations > 1 and self.loss_type == "sft":
             raise ValueError("num_iterations > 1 means nothing for loss_type='sft' (no rollouts)")
-        if self.max_tokens_per_microbatch < self.max_completion_length:
-            raise ValueError(f"max_tokens_per_microbatch={self.max_tokens_per_microbatch} must be >= "
-                             f"max_completion_length={self.max_completion_length} (one sequence must fit)")
         if self.hpt_mode != "switch" and self.loss_type != "hpt":
             raise ValueError(f"hpt_mode={self.hpt_mode!r} only applies to loss_type='hpt'")
         if self.luffy_gamma is not None and self.loss_type not in ("luffy", "srft"):

@@ -376,7 +376,7 @@ class Trainer:
             self.step, self.data_pos, history = st["step"], st["data_pos"], st.get("history", [])
             self.log(f"[fastupg] resumed from {resume} at step {self.step}")
         self.logger = RunLogger(cfg.output_dir, cfg.report_to, cfg.run_name, cfg.to_dict(), cfg.wandb_project,
-                                enabled=info.is_main, console=(lambda s: None))
+                                enabled=info.is_main, console=self.log)
         self.logger.history = list(history)
 
     # -- data ---------------------------------------------------------------------------------------
@@ -430,7 +430,9 @@ class Trainer:
 
     def micro_batches(self, rows: Rows, tok_w: list[torch.Tensor]):
         dev = self.info.device
-        mbs = pack(rows.ids, rows.start, self.cfg.max_tokens_per_microbatch, device=dev) if rows.ids else []
+        # a row longer than the budget (long prompt + long response) gets a micro-batch of its own
+        budget = max([self.cfg.max_tokens_per_microbatch] + [row_length(r) for r in rows.ids])
+        mbs = pack(rows.ids, rows.start, budget, device=dev) if rows.ids else []
         # every rank must run the same number of forward/backward passes (FSDP collectives)
         n = D.all_reduce_max(len(mbs), self.info)
         out = []
