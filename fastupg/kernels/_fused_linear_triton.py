@@ -30,11 +30,24 @@ import triton.language as tl
 
 
 @triton.jit
+def _mm(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b with fp32 accumulation. IEEE: exact fp32 products (fp32 inputs; no TF32). UPCAST: only under
+    TRITON_INTERPRET=1, whose tl.dot mishandles bf16 operands (triton 3.9): compute the same product in fp32."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _fwd_kernel(H, W, B, TGT, LOGP, LSE, ENT,
                 N, V, D,
                 stride_hn, stride_hd, stride_wv, stride_wd,
                 inv_t,
-                HAS_BIAS: tl.constexpr, RETURN_ENT: tl.constexpr, IEEE: tl.constexpr,
+                HAS_BIAS: tl.constexpr, RETURN_ENT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -58,10 +71,7 @@ def _fwd_kernel(H, W, B, TGT, LOGP, LSE, ENT,
                         mask=nmask[:, None] & dmask[None, :], other=0.0)
             w = tl.load(W + cols64[None, :] * stride_wv + offs_d[:, None] * stride_wd,
                         mask=vmask[None, :] & dmask[:, None], other=0.0)
-            if IEEE:
-                acc = tl.dot(h, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(h, w, acc)
+            acc = _mm(h, w, acc, IEEE, UPCAST)
         if HAS_BIAS:
             acc += tl.load(B + cols64, mask=vmask, other=0.0).to(tl.float32)[None, :]
         z = acc * inv_t
@@ -73,7 +83,7 @@ def _fwd_kernel(H, W, B, TGT, LOGP, LSE, ENT,
             # t = sum e^{z-m} (z-m), re-based from the old max to the new one: (z - m_new) = (z - m_old) + (m_old - m_new)
             # (before the first tile m = -inf and s = 0: use m_new so the product is 0, not -inf * 0 = nan)
             shift = (tl.where(m == float("-inf"), m_new, m) - m_new) * s
-            t = alpha * (t + shift) + tl.sum(tl.where(vmask[None, :], e * (z - m_new[:, None]), 0.0), 1)
+            t = alpha * (t + shift) + tl.sum(e * tl.where(vmask[None, :], z - m_new[:, None], 0.0), 1)
         s = s * alpha + tl.sum(e, 1)
         zt += tl.sum(tl.where(cols64[None, :] == tgt[:, None], z, 0.0), 1)
         m = m_new
@@ -90,6 +100,7 @@ def _bwd_kernel(H, W, B, ROWS, TGT, LSE, ENT, GL, GH, DH, DW, DB,
                 stride_hn, stride_hd, stride_wv, stride_wd, stride_dhn, stride_dwv,
                 inv_t, eps,
                 HAS_BIAS: tl.constexpr, HAS_GH: tl.constexpr, FILTER: tl.constexpr, IEEE: tl.constexpr,
+                UPCAST: tl.constexpr,
                 NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     # M = number of compacted rows; ROWS[i] is the original row of compacted row i. TGT/LSE/ENT/GL/GH are compacted.
@@ -117,10 +128,7 @@ def _bwd_kernel(H, W, B, ROWS, TGT, LSE, ENT, GL, GH, DH, DW, DB,
                     mask=nmask[:, None] & dmask[None, :], other=0.0)
         w = tl.load(W + cols64[None, :] * stride_wv + offs_d[:, None] * stride_wd,
                     mask=vmask[None, :] & dmask[:, None], other=0.0)
-        if IEEE:
-            acc = tl.dot(h, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(h, w, acc)
+        acc = _mm(h, w, acc, IEEE, UPCAST)
     if HAS_BIAS:
         acc += tl.load(B + cols64, mask=vmask, other=0.0).to(tl.float32)[None, :]
     logp = acc * inv_t - lse[:, None]
@@ -142,26 +150,24 @@ def _bwd_kernel(H, W, B, ROWS, TGT, LSE, ENT, GL, GH, DH, DW, DB,
     if keep:
         if HAS_BIAS:
             tl.atomic_add(DB + cols64, tl.sum(g, 0), mask=vmask)
-        gd = g.to(W.dtype.element_ty)
-        gdt = tl.trans(g).to(H.dtype.element_ty)
+        if UPCAST:  # interpreter: its fp32 -> bf16 casts are unreliable too; keep g in fp32 there
+            gd = g
+            gdt = tl.trans(g)
+        else:       # GPU: g rounded to the input dtype feeds the tensor cores (as Cut Cross-Entropy does)
+            gd = g.to(W.dtype.element_ty)
+            gdt = tl.trans(g).to(H.dtype.element_ty)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             dmask = offs_d < D
             if NEED_DH:
                 w = tl.load(W + cols64[:, None] * stride_wv + offs_d[None, :] * stride_wd,
                             mask=vmask[:, None] & dmask[None, :], other=0.0)
-                if IEEE:
-                    dh = tl.dot(gd, w, input_precision="ieee")
-                else:
-                    dh = tl.dot(gd, w)
+                dh = _mm(gd, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), IEEE, UPCAST)
                 tl.atomic_add(DH + rows64[:, None] * stride_dhn + offs_d[None, :], dh,
                               mask=nmask[:, None] & dmask[None, :])
             if NEED_DW:
                 h = tl.load(H + rows64[:, None] * stride_hn + offs_d[None, :] * stride_hd,
                             mask=nmask[:, None] & dmask[None, :], other=0.0)
-                if IEEE:
-                    dw = tl.dot(gdt, h, input_precision="ieee")
-                else:
-                    dw = tl.dot(gdt, h)
+                dw = _mm(gdt, h, tl.zeros((BLOCK_V, BLOCK_D), tl.float32), IEEE, UPCAST)
                 tl.atomic_add(DW + cols64[:, None] * stride_dwv + offs_d[None, :], dw,
                               mask=vmask[:, None] & dmask[None, :])

@@ -30,8 +30,8 @@ contain no target (Cut Cross-Entropy's gradient filtering): each skipped gradien
 skipped columns; the tests accept a relative error of 1e-2 for exact=False.
 
 Precision: the statistics (log-sum-exp, entropy) and the returned log-probs are float32 (float64 for float64
-inputs, torch/chunked impls); matmuls accumulate in fp32 (tl.dot) -- the chunked impl rounds each logits chunk to
-the input dtype as torch's bf16 matmul does. Gradients of bf16 inputs are accumulated in fp32 and returned in the
+inputs, torch/chunked impls); the logits are accumulated and kept in fp32 (tl.dot; torch.mm(..., out_dtype=fp32) in
+the chunked impl). g is rounded to the input dtype before the two gradient GEMMs (tensor cores). Gradients of bf16 inputs are accumulated in fp32 and returned in the
 input dtype.
 """
 from __future__ import annotations
@@ -45,6 +45,7 @@ import torch
 from fastupg.estimator import Estimator, policy_loss
 
 IMPLS = ("triton", "chunked", "torch")
+_CHUNK_FILTER_BLOCK = 4096  # chunked impl, exact=False: vocabulary columns per filtering block
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,29 @@ def _rows_per_chunk(V: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // (4 * V))
 
 
+def _matmul_f32(h_c, w, sdt):
+    """h_c @ w.T with the product kept in fp32 (never rounded to bf16: for a confident token 1 - p is a difference
+    of nearly equal numbers, and bf16-rounded logits would put ~30% errors into its gradient)."""
+    if h_c.dtype == sdt:
+        return h_c @ w.t()
+    if h_c.is_cuda:
+        try:
+            return torch.mm(h_c, w.t(), out_dtype=sdt)  # bf16 tensor cores, fp32 output
+        except (RuntimeError, TypeError):
+            pass
+    # fallback (CPU, old torch): upcast W one vocabulary block at a time (bounded: as many bytes as the chunk)
+    n, D = h_c.shape
+    V = w.shape[0]
+    out = torch.empty(n, V, dtype=sdt, device=h_c.device)
+    hf = h_c.to(sdt)
+    vb = max(1, (4 * n * V) // (4 * D))
+    for v0 in range(0, V, vb):
+        out[:, v0:v0 + vb] = hf @ w[v0:v0 + vb].to(sdt).t()
+    return out
+
+
 def _chunk_logits(h_c, w, b, temperature, sdt):
-    z = (h_c @ w.t()).to(sdt)  # (n, V): the only vocabulary-sized buffer of the chunked impl
+    z = _matmul_f32(h_c, w, sdt)  # (n, V) fp32: the only vocabulary-sized buffer of the chunked impl
     if b is not None:
         z += b.to(sdt)
     if temperature != 1.0:
@@ -176,7 +198,7 @@ def _chunked_backward(h, w, b, rows, tgt, lse, ent, gl, gh, o: FusedLinearOption
                      device=w.device) if need_dw else None
     db = torch.zeros(V, dtype=sdt, device=w.device) if need_db else None
     eps = o.eps_for(h.dtype)
-    vblock = 4096
+    vblock = _CHUNK_FILTER_BLOCK
     step = _rows_per_chunk(V, o.chunk_bytes)
     for i in range(0, rows.numel(), step):
         r = rows[i:i + step]
@@ -237,9 +259,14 @@ def _triton_forward(h, w, b, tgt, o: FusedLinearOptions):
     _fwd_kernel[grid](h, w, b if b is not None else h, tgt, logp, lse, ent,
                       N, V, D, h.stride(0), h.stride(1), w.stride(0), w.stride(1),
                       1.0 / o.temperature,
-                      HAS_BIAS=b is not None, RETURN_ENT=o.return_entropy, IEEE=h.dtype == torch.float32,
+                      HAS_BIAS=b is not None, RETURN_ENT=o.return_entropy, IEEE=h.dtype == torch.float32, UPCAST=_interp_upcast(h),
                       BLOCK_N=o.block_n, BLOCK_V=o.block_v, BLOCK_D=o.block_d)
     return logp, lse, (ent if o.return_entropy else None)
+
+
+def _interp_upcast(h) -> bool:
+    # the Triton interpreter (CPU tests) computes wrong bf16/fp16 tl.dot products: upcast there, never on a GPU
+    return h.device.type != "cuda" and h.dtype != torch.float32
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -265,7 +292,7 @@ def _triton_backward(h, w, b, rows, tgt, lse, ent, gl, gh, o: FusedLinearOptions
                           M, V, D, h.stride(0), h.stride(1), w.stride(0), w.stride(1),
                           D if need_dh else 0, D if need_dw else 0,
                           1.0 / o.temperature, o.eps_for(h.dtype),
-                          HAS_BIAS=need_db, HAS_GH=has_gh, FILTER=not o.exact, IEEE=h.dtype == f32,
+                          HAS_BIAS=need_db, HAS_GH=has_gh, FILTER=not o.exact, IEEE=h.dtype == f32, UPCAST=_interp_upcast(h),
                           NEED_DH=need_dh, NEED_DW=need_dw,
                           BLOCK_N=o.block_n, BLOCK_V=o.block_v, BLOCK_D=o.block_d)
     return (dH.to(h.dtype) if need_dh else None), (dW.to(w.dtype) if need_dw else None), db
