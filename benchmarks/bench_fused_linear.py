@@ -1,0 +1,336 @@
+"""Fused-linear policy loss: time and peak memory against PyTorch eager, torch.compile, Liger-Kernel, Cut
+Cross-Entropy and the cuBLAS roofline (DESIGN.md §3).
+
+    python benchmarks/bench_fused_linear.py                       # GPU: N in {8k, 32k, 128k}, D in {1536, 3584}
+    python benchmarks/bench_fused_linear.py --quick               # CPU smoke run: tiny sizes, torch paths only
+    python benchmarks/bench_fused_linear.py --n 8192 --d 1536 --methods fastupg-triton gemm
+
+Each row: one method at one (N, D), V = 151936, bf16, the DAPO estimator (token-mean, clip 0.2/0.28) on sequences of
+--seq-len tokens with one advantage per sequence and old_logp = the current log-probs (the first update of a
+batch: no token is clipped, so no row is skipped and every method does the full work).
+
+    fwd_ms, bwd_ms, total_ms   triton.testing.do_bench (CUDA) / median of perf_counter runs (CPU); bwd = total - fwd
+    peak_extra_mib             peak allocation during forward+backward beyond the inputs and the dH/dW buffers
+                               (torch.cuda.max_memory_allocated on GPU; bytes requested through the dispatcher on CPU)
+    x_gemm                     total / total of the three bare GEMMs of the same shapes (logits, dH, dW): the roofline
+    x_liger                    Liger-Kernel total / this total (speed-up over LigerFusedLinearGRPOLoss)
+
+Methods: fastupg-{triton,chunked,torch}, eager (logits + log_softmax + fastupg.policy_loss), compile (the same under
+torch.compile), liger (LigerFusedLinearGRPOLoss, loss_type='dapo'), cce (cut_cross_entropy.linear_cross_entropy: the
+SFT loss; compare with fastupg-*-sft rows), gemm. A method that runs out of memory is reported as OOM; a missing
+package is reported as 'n/a' with the reason. No numbers are claimed here: run it on the GPU and paste the table into
+benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import statistics
+import sys
+import time
+import weakref
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from fastupg.estimator import Estimator, policy_loss  # noqa: E402
+from fastupg.kernels.fused_linear import fused_linear_logprobs, fused_linear_policy_loss  # noqa: E402
+
+
+# -- problem ----------------------------------------------------------------------------------------------------------
+class Problem:
+    def __init__(self, N, D, V, dtype, device, seq_len, seed=0):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        self.N, self.D, self.V = N, D, V
+        T = min(seq_len, N)
+        B = N // T
+        self.N = B * T
+        self.shape = (B, T)
+        # lm_head-like scales: logits with a std of a few units
+        self.hidden = torch.randn(B, T, D, generator=g).to(device=device, dtype=dtype)
+        self.weight = (torch.randn(V, D, generator=g) / math.sqrt(D) * 2.0).to(device=device, dtype=dtype)
+        self.targets = torch.randint(0, V, (B, T), generator=g).to(device)
+        self.adv_seq = torch.randn(B, generator=g).to(device)
+        self.advantages = self.adv_seq[:, None].expand(B, T).contiguous()
+        self.mask = torch.ones(B, T, dtype=torch.bool, device=device)
+        with torch.no_grad():
+            impl = "chunked" if device != "cuda" else None
+            self.old_logp = fused_linear_logprobs(self.hidden, self.weight, self.targets, impl=impl).float()
+        self.est = Estimator.preset("dapo")
+        self.sft = Estimator.preset("sft")
+
+    def leaves(self):
+        h = self.hidden.detach().requires_grad_()
+        w = self.weight.detach().requires_grad_()
+        return h, w
+
+    def input_bytes(self):
+        return sum(t.numel() * t.element_size() for t in
+                   (self.hidden, self.weight, self.targets, self.advantages, self.mask, self.old_logp, self.adv_seq))
+
+    def grad_bytes(self):
+        return (self.hidden.numel() + self.weight.numel()) * self.hidden.element_size()
+
+
+# -- methods: each returns (forward() -> loss, needs leaves) ----------------------------------------------------------
+def m_fastupg(impl, sft=False):
+    def make(p: Problem):
+        h, w = p.leaves()
+        if sft:
+            return (lambda: fused_linear_policy_loss(h, w, p.targets, p.sft, advantages=1.0, mask=p.mask,
+                                                     impl=impl)[0]), (h, w)
+        return (lambda: fused_linear_policy_loss(h, w, p.targets, p.est, advantages=p.advantages,
+                                                 old_logp=p.old_logp, mask=p.mask, impl=impl)[0]), (h, w)
+    return make
+
+
+def _eager_loss(h, w, targets, est, advantages, old_logp, mask):
+    logits = (h @ w.t()).float()
+    logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+    return policy_loss(logp, est, advantages=advantages, old_logp=old_logp, mask=mask)[0]
+
+
+def m_eager(compiled=False):
+    def make(p: Problem):
+        h, w = p.leaves()
+        fn = torch.compile(_eager_loss) if compiled else _eager_loss
+        return (lambda: fn(h, w, p.targets, p.est, p.advantages, p.old_logp, p.mask)), (h, w)
+    return make
+
+
+def m_liger(p: Problem):
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss  # noqa: PLC0415
+    h, w = p.leaves()
+    loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, epsilon_low=0.2, epsilon_high=0.28,
+                                       loss_type="dapo")
+
+    def fwd():
+        out = loss_fn(h, w, p.targets, p.mask.long(), p.adv_seq, old_per_token_logps=p.old_logp)
+        return out[0] if isinstance(out, tuple) else out
+    return fwd, (h, w)
+
+
+def m_cce(p: Problem):
+    from cut_cross_entropy import linear_cross_entropy  # noqa: PLC0415
+    h, w = p.leaves()
+    return (lambda: linear_cross_entropy(h, w, p.targets)), (h, w)
+
+
+class _Gemm:
+    """The three bf16 GEMMs of a fused-linear loss, outputs in the input dtype (the roofline)."""
+
+    def __init__(self, p: Problem):
+        self.h = p.hidden.reshape(-1, p.D)
+        self.w = p.weight
+        self.buf = None
+
+    def fwd(self):
+        self.buf = self.h @ self.w.t()          # N x V logits
+        return self.buf
+
+    def bwd(self):
+        dh = self.buf @ self.w                  # N x D
+        dw = self.buf.t() @ self.h              # V x D
+        return dh, dw
+
+
+METHODS = {
+    "fastupg-triton": m_fastupg("triton"),
+    "fastupg-chunked": m_fastupg("chunked"),
+    "fastupg-torch": m_fastupg("torch"),
+    "fastupg-triton-sft": m_fastupg("triton", sft=True),
+    "fastupg-chunked-sft": m_fastupg("chunked", sft=True),
+    "eager": m_eager(False),
+    "compile": m_eager(True),
+    "liger": m_liger,
+    "cce": m_cce,
+    "gemm": None,
+}
+GPU_ONLY = {"fastupg-triton", "fastupg-triton-sft", "liger", "cce", "compile"}
+
+
+# -- measurement ------------------------------------------------------------------------------------------------------
+class _CpuAllocCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak live bytes of new storages created by torch ops (CPU stand-in for max_memory_allocated)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.ptrs = 0, 0, set()
+
+    def _free(self, ptr, n):
+        self.ptrs.discard(ptr)
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = torch.utils._pytree.tree_flatten
+        ins = {a.untyped_storage().data_ptr() for a in flat((args, kwargs))[0] if isinstance(a, torch.Tensor)}
+        for t in flat(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                ptr, n = st.data_ptr(), st.nbytes()
+                if n and ptr not in ins and ptr not in self.ptrs:
+                    self.ptrs.add(ptr)
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(t, self._free, ptr, n)
+        return out
+
+
+def _time(fn, cuda, reps):
+    if cuda:
+        import triton.testing  # noqa: PLC0415
+        return triton.testing.do_bench(fn, warmup=3, rep=reps * 20)
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def _is_oom(e):
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def run_one(name, p: Problem, cuda, reps):
+    row = dict(method=name, N=p.N, D=p.D, V=p.V, fwd_ms=None, bwd_ms=None, total_ms=None, peak_extra_mib=None,
+               status="ok")
+    try:
+        if name == "gemm":
+            g = _Gemm(p)
+
+            def fwd():
+                g.fwd()
+
+            def total():
+                g.fwd()
+                g.bwd()
+            grads = p.grad_bytes()  # dH and dW outputs of the GEMMs are the gradient buffers
+        else:
+            fwd_fn, (h, w) = METHODS[name](p)
+
+            def fwd():
+                with torch.no_grad():
+                    fwd_fn()
+
+            def total():
+                h.grad = w.grad = None
+                fwd_fn().backward()
+            grads = p.grad_bytes()
+        # memory (one separate run)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            total()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+            if name != "gemm":
+                h.grad = w.grad = None
+        else:
+            with _CpuAllocCounter() as c:
+                total()
+            peak = c.peak
+            if name != "gemm":
+                h.grad = w.grad = None
+        row["peak_extra_mib"] = max(0.0, (peak - grads) / 2 ** 20)
+        row["fwd_ms"] = _time(fwd, cuda, reps)
+        row["total_ms"] = _time(total, cuda, reps)
+        row["bwd_ms"] = row["total_ms"] - row["fwd_ms"]
+        if name == "gemm":
+            g.buf = None
+    except ImportError as e:
+        row["status"] = f"n/a ({e.name or e} not installed)"
+    except (RuntimeError, MemoryError) as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        if not _is_oom(e) and not isinstance(e, MemoryError):
+            raise
+        row["status"] = "OOM"
+    finally:
+        if cuda:
+            torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--d", type=int, nargs="+", default=[1536, 3584])
+    ap.add_argument("--v", type=int, default=151936)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (advantage granularity)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--csv", default="benchmarks/bench_fused_linear.csv")
+    ap.add_argument("--quick", action="store_true", help="tiny CPU smoke run (torch paths only)")
+    a = ap.parse_args(argv)
+    cuda = torch.cuda.is_available() and not a.quick
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
+    if a.quick:
+        a.n, a.d, a.v, a.seq_len, a.reps = [256, 512], [40, 72], 1031, 128, 2
+        a.methods = [m for m in a.methods if m not in GPU_ONLY]
+    elif not cuda:
+        print("no CUDA device: GPU-only methods are skipped (use --quick for a fast smoke run)", file=sys.stderr)
+        a.methods = [m for m in a.methods if m not in GPU_ONLY]
+    device = "cuda" if cuda else "cpu"
+
+    rows = []
+    for D in a.d:
+        for N in a.n:
+            try:
+                p = Problem(N, D, a.v, dtype, device, a.seq_len)
+            except (RuntimeError, MemoryError) as e:
+                if not (isinstance(e, MemoryError) or _is_oom(e)):
+                    raise
+                rows += [dict(method=m, N=N, D=D, V=a.v, status="OOM (inputs)") for m in a.methods]
+                continue
+            block = [run_one(m, p, cuda, a.reps) for m in a.methods]
+            gemm = next((r for r in block if r["method"] == "gemm" and r["total_ms"]), None)
+            liger = next((r for r in block if r["method"] == "liger" and r["total_ms"]), None)
+            for r in block:
+                r["x_gemm"] = r["total_ms"] / gemm["total_ms"] if (gemm and r.get("total_ms")) else None
+                r["x_liger"] = liger["total_ms"] / r["total_ms"] if (liger and r.get("total_ms")) else None
+                print(_fmt(r), flush=True)
+            rows += block
+            del p
+
+    print("\n" + _table(rows))
+    if a.csv:
+        os.makedirs(os.path.dirname(a.csv) or ".", exist_ok=True)
+        cols = ["method", "N", "D", "V", "fwd_ms", "bwd_ms", "total_ms", "peak_extra_mib", "x_gemm", "x_liger",
+                "status"]
+        with open(a.csv, "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+            wr.writeheader()
+            wr.writerows(rows)
+        print(f"wrote {a.csv}  (device: {torch.cuda.get_device_name() if cuda else 'cpu'}, dtype {a.dtype})")
+    return rows
+
+
+def _f(x, nd=2):
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def _fmt(r):
+    return (f"{r['method']:>20} N={r['N']:>7} D={r['D']:>5}  fwd {_f(r.get('fwd_ms'))} ms  bwd {_f(r.get('bwd_ms'))} ms"
+            f"  total {_f(r.get('total_ms'))} ms  peak+ {_f(r.get('peak_extra_mib'), 1)} MiB  {r['status']}")
+
+
+def _table(rows):
+    hdr = f"{'method':>20} {'N':>7} {'D':>5} {'fwd ms':>9} {'bwd ms':>9} {'total ms':>9} {'peak+ MiB':>10} " \
+          f"{'x gemm':>7} {'x liger':>8}  status"
+    lines = [hdr, "-" * len(hdr)]
+    for r in rows:
+        lines.append(f"{r['method']:>20} {r['N']:>7} {r['D']:>5} {_f(r.get('fwd_ms')):>9} {_f(r.get('bwd_ms')):>9} "
+                     f"{_f(r.get('total_ms')):>9} {_f(r.get('peak_extra_mib'), 1):>10} {_f(r.get('x_gemm')):>7} "
+                     f"{_f(r.get('x_liger')):>8}  {r['status']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
