@@ -39,6 +39,8 @@ def test_examples_are_correct_and_well_formed():
         assert eval(expr) == int(e["answer"])                     # python precedence agrees
         n_ops = sum(expr[1:].count(o) for o in "+*") + expr[1:].count("-")
         assert len(e["solution"].split("\n")) == n_ops + 1        # one line per operation + box
+        if e["difficulty"] == 1:                                  # easy: every result one digit
+            assert all(0 <= int(line.split("=")[1]) <= 9 for line in e["solution"].split("\n")[:-1])
 
 
 def test_solve_steps_precedence():
@@ -59,7 +61,7 @@ def test_bad_config_raises():
         ArithConfig(mix=((9, 1.0),))
     with pytest.raises(ValueError, match="weight"):
         ArithConfig(mix=((1, 0.0),))
-    with pytest.raises(ValueError, match="distinct"):                # level 1 has only 4000 problems
+    with pytest.raises(ValueError, match="distinct"):                # level 1 has only 1210 problems
         generate_splits(ArithConfig(n_train=5000, n_eval=0, mix=((1, 1.0),)))
 
 

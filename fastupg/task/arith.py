@@ -10,9 +10,10 @@ against ``answer``.
 
 Difficulty levels (see docs/embedded_task.md for why this mix):
 
-- 1 (easy): three one-digit operands, ``+``/``-``. Every step is a small lookup table seen
-  many times in training, so a tiny model learns it in minutes and can then improve on it
-  by RL alone.
+- 1 (easy): three one-digit operands, ``+``/``-``, every intermediate result one digit
+  in 0..9 (1210 distinct problems). Every step is a one-token lookup in a 110-entry table seen
+  many times in training, so a tiny model learns it in minutes and can then improve on it by
+  RL alone.
 - 2 (medium): three operands of one or two digits (at least one of two), ``+``/``-``: needs multi-digit
   carries; reachable with demonstrations, rarely by chance.
 - 3 (hard): four operands of up to three digits (at least one of three) with ``*``: out of a tiny model's reach
@@ -38,10 +39,13 @@ class Level:
     min_digits: int
     max_digits: int
     ops: str            # operators to draw from, e.g. "+-" or "+-*"
+    # every intermediate and final result must lie in this range (None: no limit); the easy
+    # level keeps all results one non-negative digit so each step is a single-token lookup
+    result_range: tuple[int, int] | None = None
 
 
 LEVELS: dict[int, Level] = {
-    1: Level(n_operands=3, min_digits=1, max_digits=1, ops="+-"),
+    1: Level(n_operands=3, min_digits=1, max_digits=1, ops="+-", result_range=(0, 9)),
     2: Level(n_operands=3, min_digits=1, max_digits=2, ops="+-"),
     3: Level(n_operands=4, min_digits=1, max_digits=3, ops="+-*"),
 }
@@ -51,9 +55,10 @@ LEVELS: dict[int, Level] = {
 class ArithConfig:
     """How many problems of which difficulty; ``mix`` is ((difficulty, weight), ...)."""
     seed: int = 0
-    n_train: int = 4000
+    n_train: int = 3000
     n_eval: int = 300
-    mix: tuple[tuple[int, float], ...] = ((1, 0.4), (2, 0.3), (3, 0.3))
+    # level 1 has only 1210 distinct problems: 0.3 * (3000 + 300) = 990 of them are used
+    mix: tuple[tuple[int, float], ...] = ((1, 0.3), (2, 0.35), (3, 0.35))
 
     def __post_init__(self):
         if self.n_train < 0 or self.n_eval < 0:
@@ -97,13 +102,17 @@ def make_problem(rng: random.Random, difficulty: int) -> dict:
     if difficulty not in LEVELS:
         raise ValueError(f"unknown difficulty {difficulty!r}; known: {sorted(LEVELS)}")
     level = LEVELS[difficulty]
-    operands = [_operand(rng, level) for _ in range(level.n_operands)]
-    # one operand always has the level's full width, so no level contains another's problems
-    k = rng.randrange(level.n_operands)
-    operands[k] = _operand(rng, level, digits=level.max_digits)
-    ops = [rng.choice(level.ops) for _ in range(level.n_operands - 1)]
+    while True:     # rejection sampling; the easy level accepts about 1 draw in 3
+        operands = [_operand(rng, level) for _ in range(level.n_operands)]
+        # one operand always has the level's full width, so no level contains another's problems
+        k = rng.randrange(level.n_operands)
+        operands[k] = _operand(rng, level, digits=level.max_digits)
+        ops = [rng.choice(level.ops) for _ in range(level.n_operands - 1)]
+        steps, value = solve_steps(operands, ops)
+        if level.result_range is None or all(
+                level.result_range[0] <= int(st.rsplit("=", 1)[1]) <= level.result_range[1] for st in steps):
+            break
     expr = str(operands[0]) + "".join(f"{o}{v}" for o, v in zip(ops, operands[1:]))
-    steps, value = solve_steps(operands, ops)
     return {
         "prompt": f"What is {expr}?",
         "solution": "\n".join(steps) + f"\n\\boxed{{{value}}}",
