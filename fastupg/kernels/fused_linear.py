@@ -42,7 +42,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fastupg.estimator import Estimator, policy_loss
+import dataclasses
+
+from fastupg.estimator import Estimator, aggregation_weights, policy_loss, prepare_inputs
 
 IMPLS = ("triton", "chunked", "torch")
 _CHUNK_FILTER_BLOCK = 4096  # chunked impl, exact=False: vocabulary columns per filtering block
@@ -369,10 +371,120 @@ def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, return_entro
     return logp
 
 
+# -- one pass (chunked impl, token-level estimators): the gradient is computed during the forward ------------------
+def _token_estimator(est: Estimator) -> Estimator:
+    """The same per-token loss ell_t with aggregation 'token-sum' and branch coefs 1 (they live in the weights)."""
+    rep = lambda b: None if b is None else dataclasses.replace(b, coef=1.0)  # noqa: E731
+    return dataclasses.replace(est, online=rep(est.online), offline=rep(est.offline), agg="token-sum",
+                               offline_agg=None, agg_norm=None)
+
+
+def _row_grads(est_tok, l, ent, sl, x, scale, need_ent):
+    """dL/dl and dL/dH of rows sl: L restricted to them is sum_t scale_t * ell_t(l_t, H_t) (token-level only)."""
+    with torch.enable_grad():
+        lg = l.detach().to(torch.float64).requires_grad_()
+        hg = ent.detach().to(torch.float64).requires_grad_() if need_ent else None
+        c = (lambda k: None if x[k] is None else x[k][sl])  # noqa: E731
+        loss, _ = policy_loss(lg, est_tok, advantages=c("adv").to(torch.float64), old_logp=c("old"), mask=c("mask"),
+                              offline=c("offline"), weight=scale[sl], entropy=hg, ref_logp=c("ref"))
+        ins = [lg] + ([hg] if need_ent else [])
+        gr = torch.autograd.grad(loss, ins, allow_unused=True)
+    gl = gr[0] if gr[0] is not None else torch.zeros_like(lg)
+    gh = (gr[1] if gr[1] is not None else torch.zeros_like(hg)) if need_ent else None
+    return gl, gh
+
+
+class _PrecomputedGrad(torch.autograd.Function):
+    """Returns the loss value; backward hands out gradients computed in the forward, scaled by grad_out."""
+
+    @staticmethod
+    def forward(ctx, loss, h, w, b, dH, dW, db):
+        ctx.grads = (dH, dW, db)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, go):
+        dH, dW, db = ctx.grads  # kept (not consumed) so that backward(retain_graph=True) twice stays correct
+        unit = bool(go == 1)    # the usual case: hand the buffers out as they are, no extra dW-sized copy
+        sc = (lambda t: None if t is None else (t if unit else t * go.to(t.dtype)))  # noqa: E731
+        return None, sc(dH), sc(dW), sc(db), None, None, None
+
+
+def _one_pass_chunked(h, w, b, tgt, est, kw, temperature, need, o: FusedLinearOptions):
+    """Forward AND gradient in one sweep over row chunks: 3 GEMM-equivalents (logits, g@W, g^T@H) instead of 4.
+
+    Valid for token-level estimators, where L = sum_t s_t * ell_t(l_t, H_t) with s_t fixed by the mask alone, so each
+    chunk's dL/dl and dL/dH are known as soon as its logits are. The value and metrics come from fastupg.policy_loss on
+    the O(N) log-probs at the end, so they are those of the two-pass path exactly.
+    """
+    N, D = h.shape
+    V = w.shape[0]
+    sdt = _stat_dtype(h.dtype)
+    need_ent = est.entropy_coef != 0
+    ent_ph = torch.zeros(N, device=h.device) if need_ent else None  # only for validation of entropy=
+    x = prepare_inputs((N,), est, advantages=kw["advantages"], old_logp=kw["old_logp"], mask=kw["mask"],
+                       offline=kw["offline"], seq_ids=kw["seq_ids"], weight=kw["token_weight"], entropy=ent_ph,
+                       ref_logp=kw["ref_logp"], device=h.device)
+    scale = aggregation_weights(est, x["mask"], x["offline"], x["seq"], kw["agg"], kw["padded_len"]) * x["weight"].to(
+        torch.float64)
+    est_tok = _token_estimator(est)
+    need_dh, need_dw, need_db = need
+    logp = torch.empty(N, dtype=sdt, device=h.device)
+    ent = torch.empty(N, dtype=sdt, device=h.device) if need_ent else None
+    dH = torch.zeros_like(h) if need_dh else None
+    dW = torch.zeros(w.shape, dtype=sdt if w.dtype in (torch.float16, torch.bfloat16) else w.dtype,
+                     device=w.device) if need_dw else None
+    db = torch.zeros(V, dtype=sdt, device=w.device) if need_db else None
+    inv_t = 1.0 / o.temperature
+    step = _rows_per_chunk(V, o.chunk_bytes)
+    for i in range(0, N, step):
+        j = min(N, i + step)
+        sl = slice(i, j)
+        h_c = h[sl]
+        z = _chunk_logits(h_c, w, b, o.temperature, sdt)
+        lse = torch.logsumexp(z, dim=-1)
+        z -= lse[:, None]                                    # log p
+        logp[sl] = z.gather(1, tgt[sl, None]).squeeze(1)
+        if need_ent:
+            ent[sl] = -(z.exp() * z).sum(-1)
+        gl, gh = _row_grads(est_tok, logp[sl], ent[sl] if need_ent else None, sl, x, scale, need_ent)
+        act = gl != 0
+        if gh is not None:
+            act |= gh != 0
+        r = act.nonzero().squeeze(1)                         # exactly-zero rows (masked/clipped/weight 0) skipped
+        if r.numel() == 0:
+            continue
+        if r.numel() < j - i:
+            z = z.index_select(0, r)
+            h_c = h_c.index_select(0, r)
+        gl_r, tg = gl[r].to(sdt), tgt[sl][r]
+        if gh is not None:
+            t = z + ent[sl][r, None]
+            z.exp_()
+            t.mul_(gh[r, None].to(sdt)).add_(gl_r[:, None])
+            z.mul_(t).neg_()
+            del t
+        else:
+            z.exp_().mul_(-gl_r[:, None])
+        z[torch.arange(r.numel(), device=h.device), tg] += gl_r
+        if inv_t != 1.0:
+            z *= inv_t
+        if need_db:
+            db += z.sum(0)
+        g = z.to(h.dtype)
+        del z
+        if need_dh:
+            dH.index_copy_(0, r + i, (g @ w).to(h.dtype))
+        if need_dw:
+            dW += (g.t() @ h_c).to(dW.dtype)
+        del g
+    return logp, ent, dH, (dW.to(w.dtype) if need_dw else None), db
+
+
 def fused_linear_policy_loss(hidden, weight, targets, estimator: Estimator, *, advantages, old_logp=None, mask=None,
                              offline=None, seq_ids=None, token_weight=None, ref_logp=None, agg=None,
                              temperature=1.0, bias=None, impl=None, exact=True, filter_eps=None,
-                             chunk_bytes=2 ** 27):
+                             chunk_bytes=2 ** 27, one_pass=None):
     """The unified-estimator loss straight from hidden states and the lm_head weight: (loss, metrics).
 
     `weight` is the lm_head weight (V, D); the per-token weight of `fastupg.policy_loss` (HPT alpha/beta) is called
@@ -380,18 +492,67 @@ def fused_linear_policy_loss(hidden, weight, targets, estimator: Estimator, *, a
     advantages, old_logp, mask, offline, seq_ids, ref_logp, agg (per-token tensors shaped like targets), plus
     temperature, bias, impl, exact (see `fused_linear_logprobs`).
 
-    Works for every estimator (GSPO included): the vocabulary pass yields O(N) log-probs (+ entropy when
-    Estimator.entropy_coef != 0), `fastupg.policy_loss` runs on them, and its backward hands dL/dl and dL/dH per token
-    to the recompute pass, which skips the rows where both are exactly zero.
+    Two paths, same loss, metrics and gradients:
+      * two-pass (every estimator, GSPO included; impl triton/torch, or one_pass=False): the vocabulary pass yields
+        O(N) log-probs (+ entropy when Estimator.entropy_coef != 0), `fastupg.policy_loss` runs on them, and its
+        backward hands dL/dl and dL/dH per token to the recompute pass, which skips rows where both are exactly zero.
+      * one-pass (impl='chunked', token-level estimators, grad enabled, exact; one_pass=None picks it there): each chunk's
+        gradient is formed as soon as its logits exist, so backward only returns the stored dH/dW (3 GEMM-equivalents
+        instead of 4). dH/dW then live from the forward to the backward: call backward before the next micro-batch's
+        forward. exact=False (filtering) is not applied on this path (one_pass=None then takes the two-pass path).
     """
     if not isinstance(estimator, Estimator):
         raise TypeError(f"estimator must be a fastupg.Estimator, got {type(estimator).__name__}")
     need_ent = estimator.entropy_coef != 0
-    out = fused_linear_logprobs(hidden, weight, targets, temperature, return_entropy=need_ent, bias=bias, impl=impl,
+    impl_ = default_impl(hidden.device) if impl is None and isinstance(hidden, torch.Tensor) else impl
+    wants_grad = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (hidden, weight, bias))
+    if one_pass is None:
+        one_pass = impl_ == "chunked" and not estimator.sequence_level and wants_grad and bool(exact)
+    if one_pass:
+        if estimator.sequence_level:
+            raise ValueError(f"one_pass=True needs a token-level estimator; {estimator.name!r} is sequence-level")
+        if impl_ != "chunked":
+            raise ValueError(f"one_pass=True is implemented for impl='chunked' only, got impl={impl_!r}")
+        _validate(hidden, weight, targets, bias, temperature, impl_)
+        o = FusedLinearOptions(impl=impl_, temperature=float(temperature), return_entropy=need_ent,
+                               exact=bool(exact), filter_eps=filter_eps, chunk_bytes=chunk_bytes)
+        lead = hidden.shape[:-1]
+        h = hidden.reshape(-1, hidden.shape[-1]).detach()
+        kw = dict(advantages=_flat(advantages, lead), old_logp=_flat(old_logp, lead), mask=_flat(mask, lead),
+                  offline=_flat(offline, lead), token_weight=_flat(token_weight, lead), ref_logp=_flat(ref_logp, lead),
+                  seq_ids=_seq_ids(seq_ids, lead, hidden.device), agg=agg,
+                  padded_len=lead[1] if len(lead) == 2 else None)
+        need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        with torch.no_grad():
+            logp, ent, dH, dW, db = _one_pass_chunked(h, weight.detach(), None if bias is None else bias.detach(),
+                                                      targets.reshape(-1), estimator, kw, float(temperature), need, o)
+            loss, metrics = policy_loss(logp.reshape(lead), estimator, advantages=advantages, old_logp=old_logp,
+                                        mask=mask, offline=offline, seq_ids=seq_ids, weight=token_weight,
+                                        entropy=None if ent is None else ent.reshape(lead), ref_logp=ref_logp,
+                                        agg=agg)
+        if dH is not None:
+            dH = dH.reshape(hidden.shape)
+        loss = _PrecomputedGrad.apply(loss, hidden, weight, bias, dH, dW, None if db is None else db.to(bias.dtype))
+        return loss, metrics
+    out = fused_linear_logprobs(hidden, weight, targets, temperature, return_entropy=need_ent, bias=bias, impl=impl_,
                                 exact=exact, filter_eps=filter_eps, chunk_bytes=chunk_bytes)
     logp, ent = out if need_ent else (out, None)
     return policy_loss(logp, estimator, advantages=advantages, old_logp=old_logp, mask=mask, offline=offline,
                        seq_ids=seq_ids, weight=token_weight, entropy=ent, ref_logp=ref_logp, agg=agg)
+
+
+def _flat(t, lead):
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        return torch.full(lead, float(t)).reshape(-1)
+    return None if t is None else (t.reshape(-1) if isinstance(t, torch.Tensor) and t.shape == lead else t)
+
+
+def _seq_ids(seq_ids, lead, device):
+    """1-D view of the sequence ids; a 2-D batch without seq_ids has one sequence per row (as in policy_loss)."""
+    if seq_ids is None and len(lead) == 2:
+        return torch.arange(lead[0], device=device)[:, None].expand(lead).reshape(-1)
+    return _flat(seq_ids, lead)
 
 
 __all__ = ["fused_linear_logprobs", "fused_linear_policy_loss", "FusedLinearOptions", "default_impl", "IMPLS"]

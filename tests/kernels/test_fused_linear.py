@@ -94,11 +94,13 @@ def _check(got, ref, tol):
 CLIP_PRESETS = {"ppo", "grpo", "dr_grpo", "dapo", "srft", "luffy", "hpt"}
 
 
+@pytest.mark.parametrize("one_pass", [None, False])  # None: one pass (gradient in the forward) where token-level
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_every_preset_chunked_fp32(preset):
+def test_every_preset_chunked_fp32(preset, one_pass):
     case = _case(preset, seed=sorted(PRESETS).index(preset))
     ref = _reference(*case)
-    got = _run(*case, impl="chunked", dtype=torch.float32, chunk_bytes=4 * V * 16)  # 16 rows per chunk: 3 chunks
+    got = _run(*case, impl="chunked", dtype=torch.float32, chunk_bytes=4 * V * 16,  # 16 rows per chunk: 3 chunks
+               one_pass=one_pass)
     _check(got, ref, 1e-5)
     assert ref[2].abs().sum() > 0 and ref[3].abs().sum() > 0  # a nonzero gradient: the comparison can fail
     if preset in CLIP_PRESETS:
@@ -177,15 +179,17 @@ def test_zero_gradient_rows_are_compacted(monkeypatch):
 
     monkeypatch.setattr(fl, "_chunked_backward", spy)
     ref = _reference(est, h, w, b, tgt, kw)
-    got = _run(est, h, w, b, tgt, kw, impl="chunked", dtype=torch.float32)
+    got = _run(est, h, w, b, tgt, kw, impl="chunked", dtype=torch.float32, one_pass=False)
     _check(got, ref, 1e-5)
     zero_rows = (ref[2].abs().sum(1) == 0)
     assert zero_rows.sum() >= 5  # masked + clipped + weight-0 rows
     assert seen[0].numel() == int((~zero_rows).sum())
     # all-masked batch: zero loss, zero gradient, no vocabulary pass rows
     kw2 = dict(kw, mask=torch.zeros(48, dtype=torch.bool))
-    z = _run(est, h, w, b, tgt, kw2, impl="chunked", dtype=torch.float32)
-    assert float(z[0]) == 0 and float(z[2].abs().sum()) == 0 and float(z[3].abs().sum()) == 0
+    for one_pass in (False, None):
+        z = _run(est, h, w, b, tgt, kw2, impl="chunked", dtype=torch.float32, one_pass=one_pass)
+        assert float(z[0]) == 0 and float(z[2].abs().sum()) == 0 and float(z[3].abs().sum()) == 0
+        assert torch.isfinite(z[2]).all() and torch.isfinite(z[3]).all()
     assert seen[-1].numel() == 0
 
 
