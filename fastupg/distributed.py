@@ -6,8 +6,8 @@
 Backend: nccl on CUDA, gloo on CPU (the two-rank CPU test uses gloo). The model is sharded with
 `torch.distributed.fsdp.fully_shard` per decoder layer and then at the root, with a
 MixedPrecisionPolicy (bf16 compute, fp32 reduce) on GPU and activation checkpointing per layer
-when asked. Gradients are reduce-scattered as SUMS (divide factor 1): the trainer's loss is already
-normalised over the global batch, so the sum over ranks is the gradient of the one big batch.
+when asked. The trainer's loss is already normalised over the global batch, so it scales its local
+loss by the world size: FSDP's average over ranks is then the gradient of the one big batch.
 """
 from __future__ import annotations
 
@@ -110,16 +110,15 @@ def apply_activation_checkpointing(model) -> None:
 
 
 def shard_model(model, info: DistInfo, mixed_precision: bool):
-    """FSDP2: fully_shard every decoder layer, then the root; gradients summed (not averaged) over ranks."""
+    """FSDP2: fully_shard every decoder layer, then the root. FSDP averages gradients over ranks; the
+    trainer multiplies its (globally normalised) local loss by the world size to make that a sum (a divide
+    factor of 1 would need PREMUL_SUM, which gloo lacks)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if mixed_precision else MixedPrecisionPolicy())
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
-    for m in model.modules():
-        if hasattr(m, "set_gradient_divide_factor"):
-            m.set_gradient_divide_factor(1.0)
     return model
 
 

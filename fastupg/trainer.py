@@ -476,8 +476,8 @@ class Trainer:
             loss, m = policy_loss(logp, self.est, advantages=x["adv"], old_logp=o, offline=x["offline"],
                                   seq_ids=x["seq_ids"], weight=x["weight"].to(logp.dtype), entropy=ent,
                                   ref_logp=ref, agg="token-sum")
-            # gradients are SUMMED over ranks (distributed.shard_model): the weights already normalise globally
-            loss.backward()
+            # the weights already normalise over the global batch; FSDP averages over ranks, so undo its 1/world
+            (loss * self.info.world_size if self.sharded else loss).backward()
             n_on = float(m["tokens/online"])
             ntok = float(mb.loss_mask.sum())
             for key, v in (("loss", float(loss.detach())), ("clip_low", float(m["clip_ratio/low"]) * n_on),
