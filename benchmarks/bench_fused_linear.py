@@ -9,7 +9,10 @@ Each row: one method at one (N, D), V = 151936, bf16, the DAPO estimator (token-
 --seq-len tokens with one advantage per sequence and old_logp = the current log-probs (the first update of a
 batch: no token is clipped, so no row is skipped and every method does the full work).
 
-    fwd_ms, bwd_ms, total_ms   triton.testing.do_bench (CUDA) / median of perf_counter runs (CPU); bwd = total - fwd
+    fwd_ms, bwd_ms, total_ms   triton.testing.do_bench (CUDA) / median of perf_counter runs (CPU); fwd is timed under
+                               torch.no_grad (what an old/ref log-prob pass costs), bwd = total - fwd. For
+                               fastupg-chunked the training forward already forms the gradient (one pass), so only
+                               total_ms compares like with like there.
     peak_extra_mib             peak allocation during forward+backward beyond the inputs and the dH/dW buffers
                                (torch.cuda.max_memory_allocated on GPU; bytes requested through the dispatcher on CPU)
     x_gemm                     total / total of the three bare GEMMs of the same shapes (logits, dH, dW): the roofline

@@ -519,8 +519,10 @@ def fused_linear_policy_loss(hidden, weight, targets, estimator: Estimator, *, a
                                exact=bool(exact), filter_eps=filter_eps, chunk_bytes=chunk_bytes)
         lead = hidden.shape[:-1]
         h = hidden.reshape(-1, hidden.shape[-1]).detach()
-        kw = dict(advantages=_flat(advantages, lead), old_logp=_flat(old_logp, lead), mask=_flat(mask, lead),
-                  offline=_flat(offline, lead), token_weight=_flat(token_weight, lead), ref_logp=_flat(ref_logp, lead),
+        dev = hidden.device
+        kw = dict(advantages=_flat(advantages, lead, dev), old_logp=_flat(old_logp, lead, dev),
+                  mask=_flat(mask, lead, dev), offline=_flat(offline, lead, dev),
+                  token_weight=_flat(token_weight, lead, dev), ref_logp=_flat(ref_logp, lead, dev),
                   seq_ids=_seq_ids(seq_ids, lead, hidden.device), agg=agg,
                   padded_len=lead[1] if len(lead) == 2 else None)
         need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
@@ -542,9 +544,11 @@ def fused_linear_policy_loss(hidden, weight, targets, estimator: Estimator, *, a
                        seq_ids=seq_ids, weight=token_weight, entropy=ent, ref_logp=ref_logp, agg=agg)
 
 
-def _flat(t, lead):
+def _flat(t, lead, device=None):
+    """(N,) view of a per-token tensor shaped like targets; a scalar advantage is broadcast; anything else is passed
+    through unchanged so that prepare_inputs reports the bad shape/type with its own message."""
     if isinstance(t, (int, float)) and not isinstance(t, bool):
-        return torch.full(lead, float(t)).reshape(-1)
+        return torch.full(lead, float(t), device=device).reshape(-1)
     return None if t is None else (t.reshape(-1) if isinstance(t, torch.Tensor) and t.shape == lead else t)
 
 
@@ -552,7 +556,7 @@ def _seq_ids(seq_ids, lead, device):
     """1-D view of the sequence ids; a 2-D batch without seq_ids has one sequence per row (as in policy_loss)."""
     if seq_ids is None and len(lead) == 2:
         return torch.arange(lead[0], device=device)[:, None].expand(lead).reshape(-1)
-    return _flat(seq_ids, lead)
+    return _flat(seq_ids, lead, device)
 
 
 __all__ = ["fused_linear_logprobs", "fused_linear_policy_loss", "FusedLinearOptions", "default_impl", "IMPLS"]

@@ -262,3 +262,31 @@ def test_peak_memory_bounded_independent_of_n():
     assert extra[large] - extra[small] <= per_row * (large - small), extra
     # the counter sees a materialised N x V: the reference blows the same bound (so this test can fail)
     assert _peak_extra("torch", large, chunk_bytes=chunk) > bound + per_row * large
+
+
+@pytest.mark.parametrize("preset", ["dr_grpo", "gspo"])
+def test_batched_3d_input_and_scaled_loss(preset):
+    """(B, T, D) hidden with (B, T) per-token tensors: rows are the sequences, the padded length is the default
+    Dr.GRPO constant; backward of 3 * loss (grad_out != 1) scales the precomputed one-pass gradient."""
+    g = torch.Generator().manual_seed(21)
+    Bs, T, D = 4, 9, 40
+    est = Estimator.preset(preset)
+    h = torch.randn(Bs, T, D, generator=g, dtype=torch.float64)
+    w = torch.randn(V, D, generator=g, dtype=torch.float64) * 0.4
+    tgt = torch.randint(0, V, (Bs, T), generator=g)
+    with torch.no_grad():
+        lp0 = fused_linear_logprobs(h, w, tgt, TEMP, impl="torch")
+    kw = dict(advantages=torch.randn(Bs, T, generator=g, dtype=torch.float64),
+              old_logp=lp0 + (0.3 if preset != "gspo" else 3e-4) * torch.randn(Bs, T, generator=g, dtype=torch.float64),
+              mask=torch.rand(Bs, T, generator=g) > 0.2)
+    hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ref, _ = fused_linear_policy_loss(hr, wr, tgt, est, temperature=TEMP, impl="torch", **kw)
+    (3 * ref).backward()
+    for impl in ("chunked", "triton"):
+        hx, wx = h.float().requires_grad_(), w.float().requires_grad_()
+        kwx = {k: (v.float() if v.is_floating_point() else v) for k, v in kw.items()}
+        loss, _ = fused_linear_policy_loss(hx, wx, tgt, est, temperature=TEMP, impl=impl, chunk_bytes=4 * V * 10,
+                                           **kwx)
+        (3 * loss).backward()
+        assert abs(float(loss.detach()) - float(ref.detach())) < 1e-5 * max(1.0, abs(float(ref.detach())))
+        assert _rel(hx.grad, hr.grad) < 1e-5 and _rel(wx.grad, wr.grad) < 1e-5, impl
