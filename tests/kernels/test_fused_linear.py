@@ -290,3 +290,30 @@ def test_batched_3d_input_and_scaled_loss(preset):
         (3 * loss).backward()
         assert abs(float(loss.detach()) - float(ref.detach())) < 1e-5 * max(1.0, abs(float(ref.detach())))
         assert _rel(hx.grad, hr.grad) < 1e-5 and _rel(wx.grad, wr.grad) < 1e-5, impl
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.max_memory_allocated)")
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_gpu_peak_memory_at_qwen_vocabulary(impl):
+    """Qwen's V = 151936 in bf16: peak beyond the inputs and the gradient buffers stays <= 64 MiB + O(N) for triton
+    (the chunked impl: + its logits chunk budget). The gradient buffers are the fp32 accumulators of dH/dW plus the
+    bf16 gradients they are converted to (both counted as 'dH/dW buffers')."""
+    N, D, Vq = 4096, 1024, 151936
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(N, D, device="cuda", generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(Vq, D, device="cuda", generator=g) * 0.03).bfloat16().requires_grad_()
+    tgt = torch.randint(0, Vq, (N,), device="cuda", generator=g)
+    est = Estimator.preset("grpo")
+    adv = torch.randn(N, device="cuda", generator=g)
+    with torch.no_grad():
+        old = fused_linear_logprobs(h, w, tgt, impl=impl)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss, _ = fused_linear_policy_loss(h, w, tgt, est, advantages=adv, old_logp=old, impl=impl)
+    loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    grad_buffers = (N * D + Vq * D) * (4 + 2)
+    budget = 64 * 2 ** 20 + 256 * N + (3 * 2 ** 27 if impl == "chunked" else 0)
+    assert peak - grad_buffers <= budget, (peak / 2 ** 20, grad_buffers / 2 ** 20)
