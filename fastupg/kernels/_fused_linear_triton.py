@@ -22,6 +22,13 @@ themselves -- and atomic traffic of (V/BLOCK_V) * N * D + (N/BLOCK_N) * V * D fp
 one extra read of H per vocab block. Grid order: vocab block is the slow index so concurrently running programs
 share the W tile (L2 reuse) while writing different dH rows; they contend on the same dW tile, which is the
 smaller of the two atomic streams when BLOCK_N >= 64. Not measured: no GPU was available when this was written.
+
+Arithmetic intensity to watch when measuring: a BLOCK_N x BLOCK_V tile does 6 * BLOCK_N * BLOCK_V * D FLOPs (logits,
+dH, dW) against (BLOCK_N + BLOCK_V) * D fp32 atomic adds, i.e. 6 * BN * BV / (BN + BV) FLOPs per atomic: 256 at
+64 x 128, 512 at 128 x 256. At H100 bf16 rates (~700 TFLOP/s dense) 64 x 128 tiles would need ~2.7e12 atomics/s,
+which L2 atomics may not sustain; if the profile shows atomic stalls, the next steps are (1) 128 x 256 backward tiles,
+(2) Cut Cross-Entropy's lock-guarded plain read-add-write of a whole BLOCK x BLOCK_D slab (one lock per row/vocab
+block instead of one atomic per element), (3) exact=False gradient filtering, which skips both GEMMs of most tiles.
 """
 from __future__ import annotations
 
