@@ -48,10 +48,20 @@ class RunPaths:
     reward: str          # arith | math
 
 
+def embedded_root(embedded_dir: str, size: str) -> Path:
+    """One folder per task/model spec: a changed task definition builds afresh instead of clashing."""
+    import dataclasses
+    import hashlib
+    import json
+    from fastupg.task import ArithConfig
+    spec = json.dumps([dataclasses.asdict(ArithConfig(seed=0)), size], sort_keys=True)
+    return Path(embedded_dir) / f"seed0-{size}-{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
+
+
 def resolve_paths(cfg: TrainConfig, info: D.DistInfo) -> RunPaths:
     if cfg.model == "embedded":
         from fastupg.task.tiny import ensure_embedded
-        root = Path(cfg.embedded_dir) / f"seed0-{cfg.model_size}"
+        root = embedded_root(cfg.embedded_dir, cfg.model_size)
         if info.is_main:
             ensure_embedded(root, seed=0, size=cfg.model_size)
         D.barrier(info)

@@ -52,8 +52,8 @@ def _free_port():
 def test_two_rank_gloo_matches_single_process(tmp_path):
     from fastupg import distributed as D
     from fastupg import trainer as T
-    from fastupg.task.tiny import ensure_embedded
-    ensure_embedded(Path(EMB) / "seed0-micro", seed=0, size="micro")   # build once, before the ranks start
+    paths = T.resolve_paths(_cfg(tmp_path, 8), D.DistInfo())   # build the embedded task once, before the ranks
+
     result = tmp_path / "fsdp.pt"
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "fsdp"), str(result)), nprocs=2, join=True)
     got = torch.load(result, weights_only=False)
@@ -63,7 +63,7 @@ def test_two_rank_gloo_matches_single_process(tmp_path):
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(losses), rtol=1e-5, atol=1e-6)
     ref = {k: v.detach() for k, v in tr.model.state_dict().items()}
     assert set(ref) == set(got["sd"])
-    init = T.load_model(str(Path(EMB) / "seed0-micro" / "model"), tr.cfg, torch.device("cpu")).state_dict()
+    init = T.load_model(paths.model, tr.cfg, torch.device("cpu")).state_dict()
     # adam_epsilon = 0.1 >> |g| makes the update ~ lr * m / eps, proportional to the gradient: a wrong scale
     # (e.g. FSDP's average over ranks left in) or a per-rank normalisation shows up in the weights
     moved = 0.0

@@ -12,7 +12,9 @@ from fastupg.data.packing import collate, pack, plan_bins
 def _micro_model():
     from transformers import AutoModelForCausalLM
     from fastupg.task.tiny import ensure_embedded
-    root = ensure_embedded(Path(tempfile.gettempdir()) / "fastupg-test-emb" / "seed0-micro", seed=0, size="micro")
+    from fastupg.trainer import embedded_root
+    root = ensure_embedded(embedded_root(str(Path(tempfile.gettempdir()) / "fastupg-test-emb"), "micro"),
+                           seed=0, size="micro")
     m = AutoModelForCausalLM.from_pretrained(root / "model", attn_implementation="sdpa")
     return m.eval()
 
