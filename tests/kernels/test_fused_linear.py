@@ -109,7 +109,7 @@ def test_every_preset_chunked_fp32(preset, one_pass):
             assert abs(float(got[1][k]) - float(ref[1][k])) <= 1.0 / 48
 
 
-@pytest.mark.parametrize("preset,ent", [("grpo", 0.0), ("hpt", 0.05), ("gspo", 0.0), ("luffy", 0.0), ("sft", 0.02)])
+@pytest.mark.parametrize("preset,ent", [("grpo", 0.0), ("hpt", 0.05), ("gspo", 0.0), ("sft", 0.02)])
 def test_triton_fp32(preset, ent):
     case = _case(preset, D=40, seed=7, entropy_coef=ent)
     ref = _reference(*case)
@@ -254,7 +254,7 @@ def test_peak_memory_bounded_independent_of_n():
     chunk = 4 * V * 8  # 8 rows of fp32 logits per chunk
     bound = 6 * chunk + 65536  # a few chunk-sized temporaries (logits, log p + H, g) + small fixed overhead
     per_row = 512 + 4 * 40  # O(N) bytes per token: log-probs, lse, masks, estimator temporaries, dH accumulator
-    small, large = 64, 256
+    small, large = 48, 160
     extra = {n: _peak_extra("chunked", n, chunk_bytes=chunk) for n in (small, large)}
     for n, e in extra.items():
         assert e <= bound + per_row * n, (n, e, bound + per_row * n)
