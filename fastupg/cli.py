@@ -44,9 +44,21 @@ def parse_train(argv: Sequence[str]):
     return load_config(args.config, args.overrides), args.print_config
 
 
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Like build_parser().parse_args, but `eval`/`bench` hand everything after them to their own parser
+    (argparse's REMAINDER does not capture leading --options)."""
+    argv = list(argv)
+    if argv and argv[0] in ("eval", "bench"):
+        args = build_parser().parse_args(argv[:1] + (argv[1:2] if argv[0] == "bench" and len(argv) > 1
+                                                      and not argv[1].startswith("-") else []))
+        args.rest = argv[1 + (args.command == "bench" and len(argv) > 1 and not argv[1].startswith("-")):]
+        return args
+    return build_parser().parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command == "train":
         from fastupg.config import load_config
         try:

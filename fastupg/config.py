@@ -41,6 +41,7 @@ class TrainConfig:
     model: str = "embedded"             # HF path/dir, or "embedded": the tiny model built by fastupg.task.tiny
     model_size: str = "tiny"            # embedded model size (fastupg.task.tiny.SIZES)
     embedded_dir: str = ".fastupg/embedded"  # where the embedded task/model is built (once)
+    embedded_mix: tuple = ()            # embedded task difficulty mix, e.g. [[1, 0.6], [2, 0.3], [3, 0.1]]; () = default
     train_file: str | None = None       # jsonl/json/parquet with prompt/solution/answer; None: embedded task
     eval_file: str | None = None
     reward: str = "auto"                # auto: arith for the embedded task, math otherwise
@@ -131,6 +132,12 @@ class TrainConfig:
                 _one_of(k, getattr(self, k), AGGS)
         for r in self.report_to:
             _one_of("report_to", r, REPORT_TO)
+        if self.embedded_mix:
+            from fastupg.task import ArithConfig
+            try:
+                ArithConfig(mix=self.embedded_task_mix)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"embedded_mix={list(self.embedded_mix)!r}: {e}") from None
         positive = ("num_generations", "max_completion_length", "per_device_train_batch_size",
                     "gradient_accumulation_steps", "max_tokens_per_microbatch", "max_steps", "logging_steps",
                     "max_prompt_length", "eval_samples", "eval_batch_size", "num_iterations")
@@ -184,6 +191,13 @@ class TrainConfig:
             self.stage_configs()  # validate every stage now, before any work
 
     # -- derived ------------------------------------------------------------------------------------
+    @property
+    def embedded_task_mix(self) -> tuple:
+        try:
+            return tuple((int(d), float(w)) for d, w in self.embedded_mix)
+        except (TypeError, ValueError):
+            raise ValueError(f"embedded_mix must be pairs [difficulty, weight], got {self.embedded_mix!r}") from None
+
     @property
     def completions_per_step(self) -> int:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps

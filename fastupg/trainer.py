@@ -48,22 +48,26 @@ class RunPaths:
     reward: str          # arith | math
 
 
-def embedded_root(embedded_dir: str, size: str) -> Path:
+def embedded_task(mix: tuple = ()):
+    from fastupg.task import ArithConfig
+    return ArithConfig(seed=0, mix=tuple(mix)) if mix else ArithConfig(seed=0)
+
+
+def embedded_root(embedded_dir: str, size: str, mix: tuple = ()) -> Path:
     """One folder per task/model spec: a changed task definition builds afresh instead of clashing."""
     import dataclasses
     import hashlib
     import json
-    from fastupg.task import ArithConfig
-    spec = json.dumps([dataclasses.asdict(ArithConfig(seed=0)), size], sort_keys=True)
+    spec = json.dumps([dataclasses.asdict(embedded_task(mix)), size], sort_keys=True)
     return Path(embedded_dir) / f"seed0-{size}-{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
 
 
 def resolve_paths(cfg: TrainConfig, info: D.DistInfo) -> RunPaths:
     if cfg.model == "embedded":
         from fastupg.task.tiny import ensure_embedded
-        root = embedded_root(cfg.embedded_dir, cfg.model_size)
+        root = embedded_root(cfg.embedded_dir, cfg.model_size, cfg.embedded_task_mix)
         if info.is_main:
-            ensure_embedded(root, seed=0, size=cfg.model_size)
+            ensure_embedded(root, seed=0, size=cfg.model_size, task=embedded_task(cfg.embedded_task_mix))
         D.barrier(info)
         return RunPaths(model=str(root / "model"), train_file=cfg.train_file or str(root / "data" / "train.jsonl"),
                         eval_file=cfg.eval_file or str(root / "data" / "eval.jsonl"),
