@@ -96,6 +96,9 @@ class TrainConfig:
     use_liger_kernel: bool = True       # only takes effect on GPU with liger-kernel installed
     use_fused_loss: bool = True         # fastupg.kernels when available (torch reference otherwise)
     fsdp: bool = True                   # fully_shard the model when world size > 1
+    num_threads: int = 0                # CPU intra-op threads (torch.set_num_threads); 0: torch's default.
+                                        # 1 is best for the tiny embedded model: its ops are too small to split,
+                                        # and extra OpenMP threads thrash when other processes share the cores
     # -- output -----------------------------------------------------------------------------------
     output_dir: str = "runs/fastupg"
     logging_steps: int = 1
@@ -144,7 +147,7 @@ class TrainConfig:
         for k in positive:
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
-        for k in ("save_steps", "eval_steps", "warmup_steps"):
+        for k in ("save_steps", "eval_steps", "warmup_steps", "num_threads"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
         for k in ("learning_rate", "temperature"):

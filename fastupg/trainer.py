@@ -313,6 +313,8 @@ def greedy_accuracy(model, tokenizer, examples, score, max_new_tokens: int, batc
 def train(cfg: TrainConfig, info: D.DistInfo | None = None, log=print) -> dict:
     """Run every stage of the recipe; returns the last stage's summary (paths, final metrics)."""
     info = info or D.init()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     stages = cfg.stage_configs()
     summary: dict = {}
     model_path = None
