@@ -42,6 +42,7 @@ class TrainConfig:
     model_size: str = "tiny"            # embedded model size (fastupg.task.tiny.SIZES)
     embedded_dir: str = ".fastupg/embedded"  # where the embedded task/model is built (once)
     embedded_mix: tuple = ()            # embedded task difficulty mix, e.g. [[1, 0.6], [2, 0.3], [3, 0.1]]; () = default
+    embedded_n_train: int = 0           # embedded training problems; 0 = fastupg.task.ArithConfig's default
     train_file: str | None = None       # jsonl/json/parquet with prompt/solution/answer; None: embedded task
     eval_file: str | None = None
     reward: str = "auto"                # auto: arith for the embedded task, math otherwise
@@ -139,6 +140,7 @@ class TrainConfig:
             from fastupg.task import ArithConfig
             try:
                 ArithConfig(mix=self.embedded_task_mix)
+                from fastupg.task.arith import generate_splits  # noqa: F401  (level sizes are checked at build)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"embedded_mix={list(self.embedded_mix)!r}: {e}") from None
         positive = ("num_generations", "max_completion_length", "per_device_train_batch_size",
@@ -147,7 +149,7 @@ class TrainConfig:
         for k in positive:
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
-        for k in ("save_steps", "eval_steps", "warmup_steps", "num_threads"):
+        for k in ("save_steps", "eval_steps", "warmup_steps", "num_threads", "embedded_n_train"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
         for k in ("learning_rate", "temperature"):

@@ -48,26 +48,32 @@ class RunPaths:
     reward: str          # arith | math
 
 
-def embedded_task(mix: tuple = ()):
+def embedded_task(mix: tuple = (), n_train: int = 0):
     from fastupg.task import ArithConfig
-    return ArithConfig(seed=0, mix=tuple(mix)) if mix else ArithConfig(seed=0)
+    kw = {}
+    if mix:
+        kw["mix"] = tuple(mix)
+    if n_train:
+        kw["n_train"] = n_train
+    return ArithConfig(seed=0, **kw)
 
 
-def embedded_root(embedded_dir: str, size: str, mix: tuple = ()) -> Path:
+def embedded_root(embedded_dir: str, size: str, mix: tuple = (), n_train: int = 0) -> Path:
     """One folder per task/model spec: a changed task definition builds afresh instead of clashing."""
     import dataclasses
     import hashlib
     import json
-    spec = json.dumps([dataclasses.asdict(embedded_task(mix)), size], sort_keys=True)
+    spec = json.dumps([dataclasses.asdict(embedded_task(mix, n_train)), size], sort_keys=True)
     return Path(embedded_dir) / f"seed0-{size}-{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
 
 
 def resolve_paths(cfg: TrainConfig, info: D.DistInfo) -> RunPaths:
     if cfg.model == "embedded":
         from fastupg.task.tiny import ensure_embedded
-        root = embedded_root(cfg.embedded_dir, cfg.model_size, cfg.embedded_task_mix)
+        root = embedded_root(cfg.embedded_dir, cfg.model_size, cfg.embedded_task_mix, cfg.embedded_n_train)
         if info.is_main:
-            ensure_embedded(root, seed=0, size=cfg.model_size, task=embedded_task(cfg.embedded_task_mix))
+            ensure_embedded(root, seed=0, size=cfg.model_size,
+                            task=embedded_task(cfg.embedded_task_mix, cfg.embedded_n_train))
         D.barrier(info)
         return RunPaths(model=str(root / "model"), train_file=cfg.train_file or str(root / "data" / "train.jsonl"),
                         eval_file=cfg.eval_file or str(root / "data" / "eval.jsonl"),
