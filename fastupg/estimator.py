@@ -263,7 +263,8 @@ def _check_tensor(name: str, t, n_shape, *, finite=True, dtype_kind=None):
 
 
 def prepare_inputs(logp_shape, estimator: Estimator, *, advantages, old_logp=None, mask=None, offline=None,
-                   seq_ids=None, weight=None, entropy=None, ref_logp=None, device=None):
+                   seq_ids=None, weight=None, entropy=None, ref_logp=None, device=None,
+                   entropy_in_kernel: bool = False):
     """Validate and flatten the per-token inputs shared by `policy_loss` and the fused kernels.
 
     Returns a dict of flat (N,) tensors: adv, old (or None), mask (bool), offline (bool), seq (or None),
@@ -309,7 +310,7 @@ def prepare_inputs(logp_shape, estimator: Estimator, *, advantages, old_logp=Non
     if needs_old and old_logp is None:
         raise ValueError(f"old_logp= is required: estimator {estimator.name!r} uses ref="
                          f"{estimator.online.ref!r} on on-policy tokens (pass logp.detach() for a single update)")
-    if estimator.entropy_coef != 0 and entropy is None:
+    if estimator.entropy_coef != 0 and entropy is None and not entropy_in_kernel:
         raise ValueError("entropy= is required when Estimator.entropy_coef != 0 (token_logprobs(..., return_entropy=True))")
     if estimator.kl_coef != 0 and ref_logp is None:
         raise ValueError("ref_logp= is required when Estimator.kl_coef != 0")
