@@ -45,6 +45,7 @@ import torch
 import dataclasses
 
 from fastupg.estimator import Estimator, aggregation_weights, policy_loss, prepare_inputs
+from fastupg.kernels.logits import use_triton
 
 IMPLS = ("triton", "chunked", "torch")
 _CHUNK_FILTER_BLOCK = 4096  # chunked impl, exact=False: vocabulary columns per filtering block
@@ -410,6 +411,35 @@ class _PrecomputedGrad(torch.autograd.Function):
         return None, sc(dH), sc(dW), sc(db), None, None, None
 
 
+def _kernel_chunk_grad(z, tgt_c, est, x, scale, sl, logp, ent):
+    """Run `loss_and_grad_rows` on one chunk of (already temperature-scaled) fp32 logits, gradient written into z.
+
+    Fills logp/ent of the chunk and returns the rows whose gradient is not exactly zero (weight 0, or a clipped
+    token of a 'clip' branch with no entropy/KL term), so the GEMMs can skip the others.
+    """
+    from fastupg.kernels.logits import loss_and_grad_rows
+    xs = {k: (v[sl] if isinstance(v, torch.Tensor) else v) for k, v in x.items()}
+    sc = scale[sl]
+    xs["scale"] = sc.float()
+    # the kernel skips weight-0 rows; the metrics (policy_loss on logp) still count them when unmasked, so their
+    # log-probs come from PyTorch, before the kernel overwrites the chunk with its gradient (rare: the trainer drops them)
+    idle = ((xs["scale"] == 0) & xs["mask"]).nonzero().squeeze(1)
+    if idle.numel():
+        zi = z.index_select(0, idle)
+        lq = zi - torch.logsumexp(zi, -1, keepdim=True)
+        lp_idle, en_idle = lq.gather(1, tgt_c[idle, None]).squeeze(1), -(lq.exp() * lq).sum(-1)
+    _, lp, en, _, (flags, _) = loss_and_grad_rows(z, tgt_c, est, xs, temperature=1.0, grad_out=z)
+    if idle.numel():
+        lp[idle], en[idle] = lp_idle, en_idle
+    logp[sl] = lp.to(logp.dtype)
+    if ent is not None:
+        ent[sl] = en.to(ent.dtype)
+    act = xs["scale"] != 0
+    if est.online is not None and est.online.mask == "clip" and est.entropy_coef == 0 and est.kl_coef == 0:
+        act &= ~((flags.sum(1) > 0) & ~xs["offline"])
+    return act
+
+
 def _one_pass_chunked(h, w, b, tgt, est, kw, temperature, need, o: FusedLinearOptions):
     """Forward AND gradient in one sweep over row chunks: 3 GEMM-equivalents (logits, g@W, g^T@H) instead of 4.
 
@@ -442,6 +472,28 @@ def _one_pass_chunked(h, w, b, tgt, est, kw, temperature, need, o: FusedLinearOp
         sl = slice(i, j)
         h_c = h[sl]
         z = _chunk_logits(h_c, w, b, o.temperature, sdt)
+        if use_triton(z) and sdt == torch.float32:
+            # the logits kernel of fastupg.kernels.logits: ONE launch reads the chunk twice and writes its gradient
+            # in place (instead of ~6 elementwise passes in PyTorch); z is already z/T, hence temperature=1 here
+            act = _kernel_chunk_grad(z, tgt[sl], est, x, scale, sl, logp, ent)
+            r = act.nonzero().squeeze(1)
+            if r.numel() == 0:
+                continue
+            if r.numel() < j - i:
+                z = z.index_select(0, r)
+                h_c = h_c.index_select(0, r)
+            if inv_t != 1.0:
+                z *= inv_t
+            if need_db:
+                db += z.sum(0)
+            g = z.to(h.dtype)
+            del z
+            if need_dh:
+                dH.index_copy_(0, r + i, (g @ w).to(h.dtype))
+            if need_dw:
+                dW += (g.t() @ h_c).to(dW.dtype)
+            del g
+            continue
         lse = torch.logsumexp(z, dim=-1)
         z -= lse[:, None]                                    # log p
         logp[sl] = z.gather(1, tgt[sl, None]).squeeze(1)
