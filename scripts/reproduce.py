@@ -1,0 +1,369 @@
+"""The paper's comparison (arXiv 2509.04419, Tables 2-3 and 5, Figs. 6/8) at small scale on the embedded task.
+
+    python scripts/reproduce.py                         # 6 methods x 3 seeds, default budget
+    python scripts/reproduce.py --quick                 # smoke run: every method runs and logs (CI)
+    python scripts/reproduce.py --methods hpt,sft --seeds 0,1,2 --steps 60 --out runs/reproduce
+    python scripts/reproduce.py --ablations gate,mode   # + HPT gate gamma in {0, 1/8, 2/8} and switch vs soft
+
+Every method runs with the same budget: the same number of optimizer steps (sft-then-grpo splits them
+half/half between its stages), groups of the same size (8 rollouts per prompt; LUFFY/SRFT: 7 rollouts + the
+demonstration, as in LUFFY), the same prompts per step (SFT sees as many demonstrations per step as the RL
+methods see prompts), the same learning rate and seeds. Each run is trained in-process with
+`fastupg.trainer.train`, then its final checkpoint is evaluated greedily on the held-out split per difficulty
+level. Outputs under --out: one folder per run (config.yaml, metrics.jsonl, result.json), results.json,
+results.md (methods as rows, accuracy per level + average, mean +- std over seeds) and curves.png (held-out
+accuracy and HPT's SFT fraction over steps). Runs whose result.json exists are skipped (resumable).
+
+Not here: Table 5's "off-policy RL instead of SFT for failed prompts" ablation needs an estimator choice for
+HPT's failed-prompt branch that TrainConfig does not expose yet (see docs/reproduce.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+METHODS = ("hpt", "sft", "grpo", "sft-then-grpo", "luffy", "srft")
+CONFIG_OF = {"hpt": "hpt-paper", "sft": "sft", "grpo": "grpo", "sft-then-grpo": "sft-then-grpo",
+             "luffy": "luffy", "srft": "srft"}
+# ablation name -> (base method, overrides); Table 5's rows that the config can express
+ABLATIONS = {
+    # gamma = 0 and switch mode are the main `hpt` run itself: reported from it, not run again
+    "gate": {"hpt-gate0": None, "hpt-gate1/8": {"hpt_gate": 0.125}, "hpt-gate2/8": {"hpt_gate": 0.25}},
+    "mode": {"hpt-switch": None, "hpt-soft": {"hpt_mode": "soft"}},
+}
+LEVELS = {1: "easy", 2: "medium", 3: "hard"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every method shares. `prompts_per_step * group` completions per RL step."""
+    steps: int = 60
+    group: int = 8
+    prompts_per_step: int = 8
+    learning_rate: float = 3e-3
+    max_completion_length: int = 40
+    eval_every: int = 10          # held-out accuracy logged during training (for the curves)
+    eval_samples: int = 60        # held-out prompts for the curves
+    final_eval_samples: int = 300  # held-out prompts for the table (all levels, split per level)
+    num_threads: int = 1
+
+    def __post_init__(self):
+        for k in ("steps", "group", "prompts_per_step", "max_completion_length", "eval_samples",
+                  "final_eval_samples", "num_threads"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.group < 2:
+            raise ValueError(f"group must be >= 2 (GRPO/HPT compare rollouts in a group), got {self.group}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+
+
+QUICK = Budget(steps=2, group=4, prompts_per_step=2, max_completion_length=24, eval_every=1, eval_samples=8,
+               final_eval_samples=24)
+
+
+def run_overrides(method: str, budget: Budget, seed: int, out: Path, extra: dict | None = None) -> tuple[str, dict]:
+    """(recipe path, keyword overrides) for one run: the recipe's estimator settings, the shared budget."""
+    base = method if method in CONFIG_OF else "hpt"
+    cfg = REPO / "configs" / f"{CONFIG_OF[base]}.yaml"
+    b = budget
+    kw: dict = dict(seed=seed, output_dir=str(out), max_completion_length=b.max_completion_length,
+                    learning_rate=b.learning_rate, eval_steps=b.eval_every, eval_samples=b.eval_samples,
+                    save_steps=0, save_total_limit=1, report_to=("jsonl",), plot=False, progress_bar=False,
+                    num_threads=b.num_threads, warmup_steps=min(5, max(0, b.steps // 10)))
+    rl = dict(num_generations=b.group, per_device_train_batch_size=b.group * b.prompts_per_step)
+    demo_in_group = dict(num_generations=b.group - 1, per_device_train_batch_size=(b.group - 1) * b.prompts_per_step)
+    sft = dict(loss_type="sft", per_device_train_batch_size=b.prompts_per_step)
+    if base == "sft":
+        kw.update(max_steps=b.steps, per_device_train_batch_size=b.prompts_per_step)
+    elif base in ("luffy", "srft"):
+        kw.update(max_steps=b.steps, **demo_in_group)
+    elif base == "sft-then-grpo":
+        first = max(1, b.steps // 2)
+        kw.update(stages=(dict(sft, max_steps=first),
+                          dict(loss_type="grpo", max_steps=max(1, b.steps - first), **rl)))
+    else:  # hpt, grpo
+        kw.update(max_steps=b.steps, **rl)
+    kw.update(extra or {})
+    return str(cfg), kw
+
+
+def _history(out: Path) -> list[dict]:
+    """metrics.jsonl rows; a multi-stage run's stages are concatenated with steps offset."""
+    files = sorted(out.glob("stage-*/metrics.jsonl"), key=lambda p: int(p.parent.name.split("-")[1]))
+    files = files or [out / "metrics.jsonl"]
+    rows, offset = [], 0
+    for f in files:
+        last = 0
+        if f.is_file():
+            for line in f.read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    last = max(last, int(r["step"]))
+                    rows.append(dict(r, step=int(r["step"]) + offset))
+        offset += last
+    return rows
+
+
+def eval_per_level(checkpoint: str, cfg, n: int) -> dict:
+    """Greedy held-out accuracy of a checkpoint per difficulty level (the embedded eval file's `difficulty`)."""
+    import torch
+    from transformers import AutoTokenizer
+    from fastupg import distributed as D
+    from fastupg.trainer import greedy_accuracy, load_data, load_model, resolve_paths, reward_fn
+    info = D.DistInfo() if hasattr(D, "DistInfo") and _no_arg_ok(D.DistInfo) else D.init()
+    paths = resolve_paths(cfg, info)
+    rows = [json.loads(x) for x in Path(paths.eval_file).read_text().splitlines() if x.strip()]
+    # the same number of prompts from every level (the eval file may be ordered by level)
+    lv = sorted({int(r.get("difficulty", 0)) for r in rows})
+    rows = [r for l in lv for r in [r for r in rows if int(r.get("difficulty", 0)) == l][:max(1, n // len(lv))]]
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    model = load_model(checkpoint, cfg, torch.device("cpu"))
+    score = reward_fn(paths.reward)
+    res, total, correct = {}, 0, 0.0
+    tmp = Path(cfg.output_dir) / "eval-split"
+    tmp.mkdir(parents=True, exist_ok=True)
+    for lvl in sorted({int(r.get("difficulty", 0)) for r in rows}):
+        f = tmp / f"level{lvl}.jsonl"
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows if int(r.get("difficulty", 0)) == lvl))
+        ex = load_data(str(f), tok, cfg, True, False)
+        acc = greedy_accuracy(model, tok, ex, score, cfg.eval_max_new_tokens or cfg.max_completion_length,
+                              cfg.eval_batch_size, info)
+        res[LEVELS.get(lvl, f"level{lvl}")] = acc
+        total += len(ex)
+        correct += acc * len(ex)
+    res["all"] = correct / max(total, 1)
+    res["n_eval"] = total
+    return res
+
+
+def _no_arg_ok(cls) -> bool:
+    try:
+        cls()
+        return True
+    except TypeError:
+        return False
+
+
+def run_one(method: str, seed: int, budget: Budget, out: Path, extra: dict | None = None) -> dict:
+    """Train one (method, seed) and evaluate it; result.json makes it skippable next time."""
+    res_file = out / "result.json"
+    if res_file.is_file():
+        return json.loads(res_file.read_text())
+    from fastupg.config import load_config
+    from fastupg.trainer import train
+    path, kw = run_overrides(method, budget, seed, out, extra)
+    cfg = load_config(path, (), **kw)
+    out.mkdir(parents=True, exist_ok=True)
+    import yaml
+    (out / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict(), default=list))))
+    t0 = time.time()
+    summary = train(cfg, log=lambda *a, **k: None)
+    train_s = time.time() - t0
+    # per-level evaluation needs the last stage's settings (model size, data, lengths)
+    last_cfg = cfg.stage_configs()[-1] if cfg.stages else cfg
+    import dataclasses
+    last_cfg = dataclasses.replace(last_cfg, output_dir=str(out))
+    levels = eval_per_level(summary["final_checkpoint"], last_cfg, budget.final_eval_samples)
+    hist = _history(out)
+    sft_frac = [r["hpt/sft_fraction"] for r in hist if "hpt/sft_fraction" in r]
+    result = {"method": method, "seed": seed, "steps": summary.get("step"), "train_seconds": round(train_s, 1),
+              "accuracy": levels, "first_sft_fraction": sft_frac[0] if sft_frac else None,
+              "last_sft_fraction": sft_frac[-1] if sft_frac else None, "overrides": {k: v for k, v in kw.items()
+                                                                                    if k != "output_dir"}}
+    res_file.write_text(json.dumps(result, indent=2, default=list))
+    _prune_checkpoints(out)
+    return result
+
+
+def _prune_checkpoints(out: Path) -> None:
+    """The table needs only result.json and metrics; checkpoints would pile up over many runs."""
+    import shutil
+    for d in list(out.glob("checkpoint-*")) + list(out.glob("stage-*/checkpoint-*")):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _run_spec(spec):  # top-level for the process pool
+    method, seed, budget, out, extra = spec
+    return run_one(method, seed, budget, Path(out), extra)
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    if not xs:
+        return math.nan, math.nan
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(results: list[dict]) -> dict:
+    """method -> {level: (mean, std)} over seeds, plus seeds and SFT fractions."""
+    by: dict[str, list[dict]] = {}
+    for r in results:
+        by.setdefault(r["method"], []).append(r)
+    table = {}
+    for m, rs in by.items():
+        cols = [k for k in ("easy", "medium", "hard", "all") if k in rs[0]["accuracy"]]
+        row = {c: mean_std([r["accuracy"][c] for r in rs]) for c in cols}
+        row["seeds"] = sorted(r["seed"] for r in rs)
+        fr = [r["last_sft_fraction"] for r in rs if r.get("last_sft_fraction") is not None]
+        f0 = [r["first_sft_fraction"] for r in rs if r.get("first_sft_fraction") is not None]
+        row["sft_fraction_first"] = mean_std(f0) if f0 else None
+        row["sft_fraction_last"] = mean_std(fr) if fr else None
+        row["train_seconds"] = mean_std([r["train_seconds"] for r in rs])
+        table[m] = row
+    return table
+
+
+def to_markdown(table: dict, order: list[str]) -> str:
+    cols = ["easy", "medium", "hard", "all"]
+    head = "| method | " + " | ".join(("avg" if c == "all" else c) for c in cols) + \
+        " | SFT fraction first -> last | seeds | train s/run |"
+    lines = [head, "|" + "---|" * (len(cols) + 4)]
+    fmt = lambda ms: "-" if ms is None or math.isnan(ms[0]) else f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
+    for m in order:
+        if m not in table:
+            continue
+        r = table[m]
+        sf = "-" if r["sft_fraction_first"] is None else \
+            f"{r['sft_fraction_first'][0]:.2f} -> {r['sft_fraction_last'][0]:.2f}"
+        lines.append(f"| {m} | " + " | ".join(fmt(r.get(c)) for c in cols) +
+                     f" | {sf} | {len(r['seeds'])} | {r['train_seconds'][0]:.0f} |")
+    return "\n".join(lines) + "\n\n(held-out greedy accuracy in %, mean ± std over seeds)\n"
+
+
+def plot(runs: dict[str, list[Path]], path: Path) -> Path | None:
+    """Held-out accuracy and SFT fraction over steps, mean over seeds per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for m, dirs in runs.items():
+        for ax, key in zip(axes, ("eval/accuracy", "hpt/sft_fraction")):
+            curves = [{r["step"]: r[key] for r in _history(d) if key in r} for d in dirs]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            steps = sorted(set().union(*curves))
+            ys = [statistics.fmean([c[s] for c in curves if s in c]) for s in steps]
+            ax.plot(steps, ys, label=m, marker="." if len(steps) < 30 else None)
+    axes[0].set(title="held-out greedy accuracy (mean over seeds)", xlabel="optimizer step", ylabel="accuracy")
+    axes[1].set(title="HPT: fraction of prompts routed to SFT", xlabel="optimizer step", ylabel="SFT fraction")
+    for ax in axes:
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def parse_list(s: str, kind=str) -> list:
+    return [kind(x) for x in s.split(",") if x.strip()]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {','.join(METHODS)}")
+    p.add_argument("--seeds", default=None, help="comma list (default 0,1,2; --quick: 0)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (same for every method)")
+    p.add_argument("--out", default="runs/reproduce", help="output folder (re-running skips finished runs)")
+    p.add_argument("--ablations", default="", help=f"comma list from {','.join(ABLATIONS)} (HPT variants)")
+    p.add_argument("--ablation-seeds", default=None, help="seeds for the ablations (default: --seeds)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run: every method runs and logs")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (separate processes)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate shared by every method")
+    p.add_argument("--eval-every", type=int, default=None)
+    args = p.parse_args(argv)
+
+    methods = parse_list(args.methods)
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"--methods: unknown {bad}; choose from {list(METHODS)}")
+    abl = parse_list(args.ablations)
+    bad = [a for a in abl if a not in ABLATIONS]
+    if bad:
+        raise ValueError(f"--ablations: unknown {bad}; choose from {list(ABLATIONS)}")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    budget = QUICK if args.quick else Budget()
+    import dataclasses
+    repl = {k: v for k, v in (("steps", args.steps), ("learning_rate", args.lr), ("eval_every", args.eval_every))
+            if v is not None}
+    budget = dataclasses.replace(budget, **repl)
+    seeds = parse_list(args.seeds, int) if args.seeds else [0] if args.quick else [0, 1, 2]
+    aseeds = parse_list(args.ablation_seeds, int) if args.ablation_seeds else seeds
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    specs = [(m, s, budget, str(out / m / f"seed{s}"), None) for m in methods for s in seeds]
+    for a in abl:
+        for name, extra in ABLATIONS[a].items():
+            if extra is None:  # = the main hpt run (same budget, seeds); run it if --methods left it out
+                specs += [(name, s, budget, str(out / "hpt" / f"seed{s}"), None) for s in aseeds]
+                continue
+            specs += [(name, s, budget, str(out / "ablations" / name.replace("/", "_") / f"seed{s}"), extra)
+                      for s in aseeds]
+    print(f"[reproduce] {len(specs)} runs, budget {budget}", flush=True)
+    t0 = time.time()
+
+    def done(i, n, r):
+        a = r["accuracy"]
+        print(f"[reproduce] {i}/{n} {r['method']} seed {r['seed']}: avg {a['all']:.3f} "
+              + " ".join(f"{k} {a[k]:.3f}" for k in ("easy", "medium", "hard") if k in a)
+              + (f" sft_frac {r['first_sft_fraction']:.2f}->{r['last_sft_fraction']:.2f}"
+                 if r.get("last_sft_fraction") is not None else "")
+              + f" ({r['train_seconds']:.0f}s train, {time.time() - t0:.0f}s total)", flush=True)
+
+    # a folder is trained once even when several rows report it (hpt-gate0 = hpt-switch = hpt)
+    first: dict = {}
+    for sp in specs:
+        first.setdefault(sp[3], sp)
+    unique = list(first.values())
+    by_dir: dict[str, dict] = {}
+    if args.jobs == 1:
+        for i, sp in enumerate(unique, 1):
+            by_dir[sp[3]] = r = _run_spec(sp)
+            done(i, len(unique), r)
+    else:
+        import multiprocessing as mp
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as ex:
+            for i, (sp, r) in enumerate(zip(unique, ex.map(_run_spec, unique)), 1):
+                by_dir[sp[3]] = r
+                done(i, len(unique), r)
+    results = [dict(by_dir[sp[3]], method=sp[0]) for sp in specs]
+
+    table = summarize(results)
+    order = list(methods) + [n for a in abl for n in ABLATIONS[a]]
+    md = to_markdown(table, order)
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps({"budget": dataclasses.asdict(budget), "seeds": seeds,
+                                                  "table": table, "runs": results}, indent=2, default=list))
+    dirs: dict[str, list[Path]] = {}
+    for sp in specs:
+        if sp[0] in methods:
+            dirs.setdefault(sp[0], []).append(Path(sp[3]))
+    png = plot(dirs, out / "curves.png")
+    if abl:
+        adirs: dict[str, list[Path]] = {}
+        for sp in specs:
+            if sp[0] not in methods:
+                adirs.setdefault(sp[0], []).append(Path(sp[3]))
+        plot(adirs, out / "ablations.png")
+    print(md)
+    print(f"[reproduce] wrote {out / 'results.md'}, {out / 'results.json'}, {png}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
