@@ -1,0 +1,88 @@
+"""token_logprobs (Triton, interpreter) vs a float64 log_softmax reference: values and both gradients."""
+import pytest
+import torch
+
+from fastupg.kernels import token_logprobs
+from fastupg.kernels._utils import LaunchConfig
+from fastupg.kernels.reference import token_logprobs_ref
+
+SMALL = LaunchConfig(block_v=256)
+
+
+def _relerr(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-2)])
+@pytest.mark.parametrize("T", [1.0, 0.7])
+def test_values_and_grads(dtype, tol, T):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 7, 1000, generator=g) * 3).to(dtype)
+    y = torch.randint(0, 1000, (3, 7), generator=g)
+    gl, ge = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)
+    z = logits.clone().requires_grad_()
+    lp, ent = token_logprobs(z, y, T, return_entropy=True, launch=SMALL)
+    assert lp.dtype == torch.float32 and lp.shape == (3, 7)
+    zr = logits.double().requires_grad_()
+    lr, er = token_logprobs_ref(zr, y, T, return_entropy=True)
+    assert _relerr(lp, lr) < 1e-5 and _relerr(ent, er) < 1e-5  # fp32 math on the same input values
+    (lp * gl + ent * ge).sum().backward()
+    (lr * gl + er * ge).sum().backward()
+    assert _relerr(z.grad, zr.grad) < tol
+
+
+def test_logp_only_strided_and_inplace():
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(20, 1100, generator=g)
+    logits = base[::2, :1000]  # non-contiguous rows, unit last stride
+    y = torch.randint(0, 1000, (10,), generator=g)
+    gl = torch.randn(10, generator=g)
+    zr = logits.double().requires_grad_()
+    (token_logprobs_ref(zr, y) * gl).sum().backward()
+    leaf = logits.clone().requires_grad_()
+    buf = leaf * 1.0
+    (token_logprobs(buf, y, launch=SMALL) * gl).sum().backward()
+    assert _relerr(leaf.grad, zr.grad) < 1e-5
+    leaf2 = base.clone().requires_grad_()
+    view = (leaf2 * 1.0)[::2, :1000]
+    lp = token_logprobs(view, y, inplace_backward=True, launch=SMALL)
+    assert _relerr(lp, token_logprobs_ref(logits.double(), y)) < 1e-5
+    (lp * gl).sum().backward()
+    assert _relerr(leaf2.grad[::2, :1000], zr.grad) < 1e-5
+    assert bool((leaf2.grad[1::2] == 0).all())
+
+
+def test_gpt2_vocab_default_block():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 50257, generator=g) * 2
+    y = torch.randint(0, 50257, (2,), generator=g)
+    lp, ent = token_logprobs(logits, y, 0.7, return_entropy=True)
+    lr, er = token_logprobs_ref(logits.double(), y, 0.7, return_entropy=True)
+    assert _relerr(lp, lr) < 1e-5 and _relerr(ent, er) < 1e-5
+
+
+def test_bad_inputs():
+    logits = torch.randn(4, 100)
+    y = torch.randint(0, 100, (4,))
+    with pytest.raises(ValueError, match="targets"):
+        token_logprobs(logits, torch.full((4,), 100))
+    with pytest.raises(ValueError, match="targets"):
+        token_logprobs(logits, torch.full((4,), -1))
+    with pytest.raises(TypeError, match="targets"):
+        token_logprobs(logits, y.float())
+    with pytest.raises(ValueError, match="targets"):
+        token_logprobs(logits, y[:3])
+    with pytest.raises(ValueError, match="temperature"):
+        token_logprobs(logits, y, 0.0)
+    bad = logits.clone()
+    bad[2, 5] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        token_logprobs(bad, y)
+
+
+def test_cpu_fallback_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    logits = torch.randn(4, 100, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 100, (4,))
+    lp = token_logprobs(logits, y)  # reference path: float64 stays float64
+    assert lp.dtype == torch.float64 and lp.requires_grad
