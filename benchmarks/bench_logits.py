@@ -1,164 +1,167 @@
-"""Benchmark the logits-input kernels against their peers, same run, same device.
+"""Benchmark of the logits-input kernels (DESIGN.md §3, "logits-input fused kernel" row).
 
-    python benchmarks/bench_logits.py            # GPU: [8,1024,151936] and [4,8192,151936] bf16
-    python benchmarks/bench_logits.py --quick    # tiny CPU smoke run (torch paths + interpreter-free refs only)
+Compares, fwd+bwd, at [8, 1024, 151936] and [4, 8192, 151936] bf16:
+  token_logprobs (fastupg Triton)  vs  PyTorch eager log_softmax+gather  vs  torch.compile of the same
+  fused_policy_loss (grpo preset)  vs  eager / torch.compile (fastupg.policy_loss on log_softmax)
+                                   vs  Liger's triton_grpo_loss (if liger_kernel is importable)
+Reports time (triton.testing.do_bench, ms), peak memory beyond the inputs (MiB) and achieved bandwidth
+(bytes the op must move / time) as a fraction of a measured device-to-device copy.
 
-Rows: token_logprobs (log-prob + entropy, fwd+bwd) and the GRPO loss (fwd+bwd) for
-  fastupg (Triton), PyTorch eager, torch.compile, Liger-Kernel's Triton GRPO loss (if installed).
-Columns: time (ms, triton.testing.do_bench on GPU), peak memory beyond inputs (MiB), achieved bandwidth
-(bytes the kernel design must move / time) and its fraction of a measured device-to-device copy.
-Prints a table; --csv writes it. Timings are only comparable within one run on one device.
+    python benchmarks/bench_logits.py            # GPU: the sizes above
+    python benchmarks/bench_logits.py --quick    # tiny sizes; on CPU only the torch paths run (smoke test)
+No numbers are claimed here: run it on the GPU and paste the table into benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
-import csv
+import os
 import sys
 import time
-from pathlib import Path
 
-import torch
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fastupg import Estimator, policy_loss  # noqa: E402
-from fastupg.kernels import fused_policy_loss, token_logprobs  # noqa: E402
+import torch  # noqa: E402
+
+import fastupg  # noqa: E402
+from fastupg.estimator import Estimator  # noqa: E402
 
 
-def bench(fn, device) -> float:
-    """Median milliseconds of fn()."""
-    if device.type == "cuda":
-        import triton
-        return float(triton.testing.do_bench(fn, warmup=5, rep=30))
+def _bench(fn, cuda: bool, reps: int = 20) -> float:
+    if cuda:
+        import triton.testing
+        return float(triton.testing.do_bench(fn, warmup=5, rep=100))
     fn()
-    ts = []
-    for _ in range(3):
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    for _ in range(reps):
         fn()
-        ts.append(time.perf_counter() - t0)
-    return sorted(ts)[1] * 1e3
+    return (time.perf_counter() - t0) / reps * 1e3
 
 
-def peak_mib(fn, device) -> float | None:
-    if device.type != "cuda":
-        return None
+def _peak(fn, cuda: bool) -> float:
+    if not cuda:
+        return float("nan")
     torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def copy_bandwidth(device, nbytes=2**30) -> float | None:
-    """GB/s of a device-to-device copy (read + write counted), the roofline of a memory-bound kernel."""
-    if device.type != "cuda":
-        return None
-    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+def copy_bandwidth(nbytes: int, dev) -> float:
+    """Measured device-to-device copy bandwidth (bytes/s; read + write counted)."""
+    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev)
     b = torch.empty_like(a)
-    ms = bench(lambda: b.copy_(a), device)
-    return 2 * nbytes / (ms * 1e-3) / 1e9
+    ms = _bench(lambda: b.copy_(a), dev.type == "cuda")
+    return 2 * nbytes / (ms * 1e-3)
 
 
-def eager_logprobs(z, t, T):
-    logq = torch.log_softmax(z.float() / T, -1)
-    lp = logq.gather(-1, t[..., None])[..., 0]
-    ent = -(logq.exp() * logq).sum(-1)
-    return lp, ent
-
-
-def cases(B, L, V, device, dtype, T=1.0):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    z = (torch.randn(B, L, V, generator=g) * 2).to(device=device, dtype=dtype)
-    t = torch.randint(0, V, (B, L), generator=g).to(device)
-    A = torch.randn(B, L, generator=g).to(device)
+def make(B, T, V, dtype, dev, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    logits = (torch.randn(B, T, V, generator=g) * 2).to(dtype).to(dev)
+    y = torch.randint(0, V, (B, T), generator=g).to(dev)
+    adv = torch.randn(B, T, generator=g).to(dev)
     with torch.no_grad():
-        old = (eager_logprobs(z, t, T)[0] + 0.05 * torch.randn(B, L, generator=g).to(device))
-    mask = torch.ones(B, L, dtype=torch.bool, device=device)
-    est = Estimator.preset("grpo")
-    compiled = torch.compile(eager_logprobs) if device.type == "cuda" else None
-
-    def fwd_bwd(f):
-        def run():
-            zz = z.detach().requires_grad_()
-            out = f(zz)
-            out.backward()
-        return run
-
-    rows = {}
-    lp_bytes = 3 * z.numel() * z.element_size()   # fwd: read once; bwd: read + write gradient
-    loss_bytes = 3 * z.numel() * z.element_size()  # fused: two reads (lse pass, gradient pass) + one write
-    rows[("token_logprobs", "fastupg")] = (fwd_bwd(lambda zz: sum(x.sum() for x in token_logprobs(
-        zz, t, T, return_entropy=True))), lp_bytes)
-    rows[("token_logprobs", "eager")] = (fwd_bwd(lambda zz: sum(x.sum() for x in eager_logprobs(zz, t, T))), lp_bytes)
-    if compiled is not None:
-        rows[("token_logprobs", "torch.compile")] = (fwd_bwd(lambda zz: sum(x.sum() for x in compiled(zz, t, T))),
-                                                     lp_bytes)
-    kw = dict(advantages=A, old_logp=old, mask=mask)
-    rows[("grpo_loss", "fastupg")] = (fwd_bwd(lambda zz: fused_policy_loss(zz, t, est, temperature=T, **kw)[0]),
-                                      loss_bytes)
-    rows[("grpo_loss", "eager")] = (fwd_bwd(lambda zz: policy_loss(eager_logprobs(zz, t, T)[0], est, **kw)[0]),
-                                    loss_bytes)
-    if compiled is not None:
-        rows[("grpo_loss", "torch.compile")] = (fwd_bwd(lambda zz: policy_loss(compiled(zz, t, T)[0], est, **kw)[0]),
-                                                loss_bytes)
-    try:  # Liger-Kernel's Triton GRPO loss over logits (liger_kernel.transformers.grpo_loss)
-        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
-
-        def liger(zz):
-            # Liger expects (B, L+1, V) logits whose last position is dropped
-            logits = torch.cat([zz, zz[:, -1:]], 1)
-            out = triton_grpo_loss(logits, old, None, t, A[:, 0], mask.int(), temperature=T, beta=0.0,
-                                   eps_low=0.2, eps_high=0.2, inplace=True)
-            per_tok = out[0] if isinstance(out, tuple) else out
-            return (per_tok * mask).sum() / mask.sum()
-        rows[("grpo_loss", "liger")] = (fwd_bwd(liger), loss_bytes)
-    except Exception as e:  # not installed, or an API change: say so rather than guess
-        print(f"  liger GRPO loss: n/a ({type(e).__name__}: {e})")
-    return rows
+        old = torch.log_softmax(logits.float(), -1).gather(-1, y[..., None])[..., 0]
+    old = old + 0.1 * torch.randn(B, T, generator=g).to(dev)
+    mask = torch.ones(B, T, dtype=torch.bool, device=dev)
+    return logits, y, adv, old, mask
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny sizes on CPU (smoke test; timings meaningless)")
-    ap.add_argument("--csv", default=None, help="write the table as CSV here")
-    args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
-    if args.quick:
-        shapes, dtype = [(2, 16, 1000)], torch.float32
-    else:
-        if device.type != "cuda":
-            sys.exit("no CUDA device: run with --quick for a CPU smoke run")
-        shapes, dtype = [(8, 1024, 151936), (4, 8192, 151936)], torch.bfloat16
-    bw = copy_bandwidth(device)
-    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}; "
-          f"copy bandwidth: {f'{bw:.0f} GB/s' if bw else 'n/a'}")
-    table = []
-    for B, L, V in shapes:
-        for (op, impl), (fn, nbytes) in cases(B, L, V, device, dtype).items():
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test)")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile variants")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    sizes = [(2, 64, 1000)] if args.quick else [(8, 1024, 151936), (4, 8192, 151936)]
+    dtype = torch.bfloat16
+    triton_ok = cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    est = Estimator.preset("grpo")
+    from fastupg.kernels import fused_policy_loss, token_logprobs
+
+    def eager_logp(z, y):
+        return torch.log_softmax(z.float(), -1).gather(-1, y[..., None])[..., 0]
+
+    def eager_loss(z, y, adv, old, mask):
+        return fastupg.policy_loss(eager_logp(z, y), est, advantages=adv, old_logp=old, mask=mask)[0]
+
+    compiled_logp = compiled_loss = None
+    if not args.no_compile:
+        try:
+            compiled_logp = torch.compile(eager_logp)
+            compiled_loss = torch.compile(eager_loss)
+        except Exception as e:  # noqa: BLE001
+            print(f"# torch.compile unavailable: {e}")
+    liger = None
+    try:
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss as liger  # noqa: F811
+    except Exception:  # noqa: BLE001
+        print("# liger_kernel not importable: Liger rows skipped")
+
+    rows = []
+    for (B, T, V) in sizes:
+        logits, y, adv, old, mask = make(B, T, V, dtype, dev)
+        nbytes = logits.numel() * logits.element_size()
+        bw = copy_bandwidth(nbytes, dev)
+        # bytes the op must move: logp fwd+bwd = read (fwd) + read + write (bwd); fused loss: read x2 + write
+        need = 3 * nbytes
+
+        def run(name, op, kind):
+            def step():
+                z = logits.detach().requires_grad_()
+                out = op(z)
+                out.sum().backward() if out.dim() else out.backward()
             try:
-                ms = bench(fn, device)
-                mem = peak_mib(fn, device)
-            except torch.OutOfMemoryError:
-                ms, mem = float("nan"), "OOM"
-            gbs = nbytes / (ms * 1e-3) / 1e9 if ms == ms else float("nan")
-            table.append(dict(shape=f"[{B},{L},{V}]", op=op, impl=impl, ms=ms, peak_mib=mem, gb_s=gbs,
-                              frac_copy=(gbs / bw) if bw else None))
-    base = {(r["shape"], r["op"]): r["ms"] for r in table if r["impl"] == "eager"}
-    print(f"{'shape':>20} {'op':>15} {'impl':>14} {'ms':>9} {'vs eager':>9} {'peak MiB':>9} {'GB/s':>7} {'/copy':>6}")
-    for r in table:
-        sp = base.get((r["shape"], r["op"]), float("nan")) / r["ms"] if r["ms"] == r["ms"] else float("nan")
-        mem = r["peak_mib"] if isinstance(r["peak_mib"], str) else ("n/a" if r["peak_mib"] is None
-                                                                    else f"{r['peak_mib']:.0f}")
-        fc = "n/a" if r["frac_copy"] is None else f"{r['frac_copy']:.2f}"
-        print(f"{r['shape']:>20} {r['op']:>15} {r['impl']:>14} {r['ms']:9.3f} {sp:8.2f}x {mem:>9} "
-              f"{r['gb_s']:7.0f} {fc:>6}")
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(table[0]))
-            w.writeheader()
-            w.writerows(table)
-        print(f"wrote {args.csv}")
+                step()
+                ms = _bench(step, cuda)
+                mem = _peak(step, cuda)
+            except Exception as e:  # noqa: BLE001
+                print(f"# {name} failed at {(B, T, V)}: {type(e).__name__}: {str(e)[:200]}")
+                return
+            rows.append((f"{B}x{T}x{V}", kind, name, ms, mem, need / (ms * 1e-3) / bw))
+
+        run("eager", lambda z: eager_logp(z, y), "logp")
+        if compiled_logp is not None and cuda:
+            run("torch.compile", lambda z: compiled_logp(z, y), "logp")
+        if triton_ok:
+            run("fastupg", lambda z: token_logprobs(z, y), "logp")
+        run("eager", lambda z: eager_loss(z, y, adv, old, mask), "grpo")
+        if compiled_loss is not None and cuda:
+            run("torch.compile", lambda z: compiled_loss(z, y, adv, old, mask), "grpo")
+        if triton_ok:
+            run("fastupg fused", lambda z: fused_policy_loss(z, y, est, advantages=adv, old_logp=old,
+                                                              mask=mask)[0], "grpo")
+        if liger is not None and cuda:
+            # Liger's kernel reads logits[:, :-1]: give it a (B, T+1, V) tensor
+            pad = torch.cat([logits, logits[:, -1:]], 1)
+
+            def liger_op(z):
+                out = liger(z, old, None, y, adv[:, 0], mask, temperature=1.0, beta=0.0,
+                            eps_low=0.2, eps_high=0.2, inplace=True)
+                per_tok = out[0] if isinstance(out, (tuple, list)) else out
+                return (per_tok * mask).sum() / mask.sum()
+
+            def run_liger():
+                def step():
+                    z = pad.detach().requires_grad_()
+                    liger_op(z).backward()
+                try:
+                    step()
+                    ms, mem = _bench(step, cuda), _peak(step, cuda)
+                    rows.append((f"{B}x{T}x{V}", "grpo", "liger triton_grpo_loss", ms, mem,
+                                 need / (ms * 1e-3) / bw))
+                except Exception as e:  # noqa: BLE001
+                    print(f"# liger failed: {type(e).__name__}: {str(e)[:200]}")
+            run_liger()
+        del logits
+
+    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu (torch paths only, times meaningless)'}")
+    print(f"{'size':>16} {'op':>5} {'impl':>24} {'ms':>9} {'peak MiB':>9} {'BW/copy':>8}")
+    for r in rows:
+        print(f"{r[0]:>16} {r[1]:>5} {r[2]:>24} {r[3]:9.3f} {r[4]:9.1f} {r[5]:8.2f}")
+    return rows
 
 
 if __name__ == "__main__":
