@@ -16,7 +16,7 @@ def _relerr(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-def _batch(name, B=4, T=8, V=1000, dtype=torch.float32, seed=0, **over):
+def _batch(name, B=3, T=8, V=1000, dtype=torch.float32, seed=0, **over):
     g = torch.Generator().manual_seed(seed)
     est = Estimator.preset(name, **over)
     logits = (torch.randn(B, T, V, generator=g) * 2.0).to(dtype)
@@ -58,7 +58,10 @@ def _check(est, logits, targets, kw, tol, agg=None, inplace=False):
                                   launch=SMALL, **kw)
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
-    assert abs(loss.item() - loss_r.item()) <= tol * max(abs(loss_r.item()), 1e-6)
+    # the loss is a sum of signed terms that may cancel: measure its error against the size of the terms
+    m = kw["mask"].double()
+    term = (kw["advantages"].abs().double() * m).sum() / m.sum()
+    assert abs(loss.item() - loss_r.item()) <= tol * max(abs(loss_r.item()), term.item())
     assert _relerr(z.grad, ref_in.grad) < tol
     assert set(met) == set(met_r)
     for k in met:
