@@ -79,7 +79,8 @@ def main(argv=None):
     dtype = torch.bfloat16
     triton_ok = cuda or os.environ.get("TRITON_INTERPRET") == "1"
     est = Estimator.preset("grpo")
-    from fastupg.kernels import fused_policy_loss, token_logprobs
+    from fastupg.kernels.fused_loss import fused_policy_loss
+    from fastupg.kernels.logprobs import token_logprobs
 
     def eager_logp(z, y):
         return torch.log_softmax(z.float(), -1).gather(-1, y[..., None])[..., 0]

@@ -1,18 +1,16 @@
-"""Triton kernels over logits (DESIGN.md §2): the log-prob layer and the fused-loss layer.
+"""fastupg.kernels: fused Triton kernels for the unified policy loss. Depends on torch, triton and fastupg.estimator.
 
-    token_logprobs(logits, targets, temperature=1.0, return_entropy=False, inplace_backward=False)
-    fused_policy_loss(logits, targets, estimator, *, advantages, ...) -> (loss, metrics)
-    loss_and_grad_rows(logits2d, targets1d, estimator, x, temperature, grad_out=None) -> (ell, logp, entropy, grad)
+Log-prob layer (differentiable; any estimator, GSPO included, through fastupg.policy_loss):
+    token_logprobs(logits, targets, temperature=1.0, return_entropy=False)
+    fused_linear_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False, bias=None)
+Fused-loss layer (one launch: log-probs, ratios, masks, per-token loss AND gradient):
+    fused_policy_loss(logits, targets, estimator, *, advantages, ...)
+    fused_linear_policy_loss(hidden, weight, targets, estimator, *, advantages, ...)
 
-Triton runs on CUDA tensors or under TRITON_INTERPRET=1; otherwise the PyTorch reference (`reference.py`).
+Triton runs on CUDA tensors or under TRITON_INTERPRET=1; plain-PyTorch references run otherwise.
 """
-from fastupg.kernels._utils import LaunchConfig
-from fastupg.kernels.logprobs import token_logprobs
-from fastupg.kernels.reference import fused_policy_loss_ref, token_logprobs_ref
+from fastupg.kernels.fused_linear import fused_linear_logprobs, fused_linear_policy_loss
+from fastupg.kernels.logits import fused_policy_loss, loss_and_grad_rows, token_logprobs
 
-__all__ = ["token_logprobs", "token_logprobs_ref", "fused_policy_loss_ref", "LaunchConfig"]
-try:  # fused layer (added in a later commit)
-    from fastupg.kernels.fused_loss import fused_policy_loss, loss_and_grad_rows  # noqa: F401
-    __all__ += ["fused_policy_loss", "loss_and_grad_rows"]
-except ImportError:  # pragma: no cover
-    pass
+__all__ = ["token_logprobs", "fused_policy_loss", "loss_and_grad_rows", "fused_linear_logprobs",
+           "fused_linear_policy_loss"]

@@ -28,9 +28,9 @@ from fastupg.kernels._utils import (DEFAULT_LAUNCH, LN2, LOG2E, LaunchConfig, ch
 
 @triton.jit
 def _row_stats(row_ptr, c2, V: tl.constexpr, BLOCK: tl.constexpr, WITH_ENT: tl.constexpr):
-    """Pass 1 over one row: returns (lse2, sum2) with lse2 = log2 sum_j 2^{x_j} and, if WITH_ENT,
-    sum2 = sum_j 2^{x_j - lse2} (x_j - m) ... folded so that H (nats) = LN2 * (log2 s - t / s).
-    Returned as (m + log2 s, log2 s - t / s) i.e. (lse2, H / ln2)."""
+    """Pass 1 over one row, x_j = z_j * c2 (c2 = log2(e) / T). Returns (lse2, h2):
+    lse2 = log2 sum_j 2^{x_j} = m + log2 s with s = sum_j 2^{x_j - m} (online rescaled max m), and, if WITH_ENT,
+    h2 = H / ln2 = log2 s - t / s with t = sum_j 2^{x_j - m} (x_j - m) (0 when not WITH_ENT)."""
     offs = tl.arange(0, BLOCK)
     # finite start: keeps exp2(m - m_new) finite even when a whole block is -inf (masked tail / -inf logits)
     m = tl.full([], -1.0e30, tl.float32)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastupg.estimator import PRESETS, Estimator
-from fastupg.kernels import fused_policy_loss, loss_and_grad_rows
+from fastupg.kernels.fused_loss import fused_policy_loss, loss_and_grad_rows
 from fastupg.kernels._utils import LaunchConfig
 from fastupg.kernels.reference import fused_policy_loss_ref
 

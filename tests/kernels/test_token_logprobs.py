@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fastupg.kernels import token_logprobs
+from fastupg.kernels.logprobs import token_logprobs
 from fastupg.kernels._utils import LaunchConfig
 from fastupg.kernels.reference import token_logprobs_ref
 
