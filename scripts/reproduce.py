@@ -179,7 +179,7 @@ def run_one(method: str, seed: int, budget: Budget, out: Path, extra: dict | Non
     levels = eval_per_level(summary["final_checkpoint"], last_cfg, budget.final_eval_samples)
     hist = _history(out)
     sft_frac = [r["hpt/sft_fraction"] for r in hist if "hpt/sft_fraction" in r]
-    result = {"method": method, "seed": seed, "steps": summary.get("step"), "train_seconds": round(train_s, 1),
+    result = {"method": method, "seed": seed, "steps": max((r["step"] for r in hist), default=0), "train_seconds": round(train_s, 1),
               "accuracy": levels, "first_sft_fraction": sft_frac[0] if sft_frac else None,
               "last_sft_fraction": sft_frac[-1] if sft_frac else None, "overrides": {k: v for k, v in kw.items()
                                                                                     if k != "output_dir"}}

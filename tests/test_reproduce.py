@@ -1,0 +1,86 @@
+"""scripts/reproduce.py: every method runs and logs in --quick mode; the budget is the same for every method;
+the table/summary arithmetic; resumability."""
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("reproduce", REPO / "scripts" / "reproduce.py")
+rp = importlib.util.module_from_spec(_spec)
+sys.modules["reproduce"] = rp
+_spec.loader.exec_module(rp)
+
+
+def test_same_budget_for_every_method(tmp_path):
+    from fastupg.config import load_config
+    b = rp.Budget(steps=6, group=4, prompts_per_step=3)
+    for m in rp.METHODS:
+        path, kw = rp.run_overrides(m, b, seed=5, out=tmp_path / m)
+        cfg = load_config(path, (), **kw)
+        stages = cfg.stage_configs() if cfg.stages else [cfg]
+        assert sum(s.max_steps for s in stages) == 6, m
+        for s in stages:
+            assert s.seed == 5 and s.learning_rate == b.learning_rate
+            if s.loss_type == "sft":
+                assert s.per_device_train_batch_size == 3  # demonstrations = prompts per step
+            else:
+                demo = 1 if s.loss_type in ("luffy", "srft") else 0  # the demonstration joins the group
+                assert s.num_generations + demo == 4, m
+                assert s.per_device_train_batch_size == s.num_generations * 3, m
+    path, kw = rp.run_overrides("hpt", b, 0, tmp_path)
+    assert load_config(path, (), **kw).loss_type == "hpt"
+
+
+def test_summary_and_markdown():
+    runs = [{"method": "hpt", "seed": s, "train_seconds": 1.0, "first_sft_fraction": 1.0, "last_sft_fraction": f,
+             "accuracy": {"easy": e, "medium": 0.1, "hard": 0.0, "all": e / 2}}
+            for s, e, f in ((0, 0.2, 0.5), (1, 0.4, 0.25))]
+    t = rp.summarize(runs)["hpt"]
+    assert t["easy"][0] == pytest.approx(0.3) and t["easy"][1] == pytest.approx(math.sqrt(0.02))
+    assert t["sft_fraction_last"][0] == pytest.approx(0.375) and t["seeds"] == [0, 1]
+    md = rp.to_markdown({"hpt": t}, ["hpt", "missing"])
+    assert "| hpt | 30.0 ± 14.1 | 10.0 ± 0.0 |" in md and "missing" not in md
+    assert "1.00 -> 0.38" in md
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="--methods"):
+        rp.main(["--methods", "hpt,ppo", "--quick"])
+    with pytest.raises(ValueError, match="--ablations"):
+        rp.main(["--ablations", "tabel5", "--quick"])
+    with pytest.raises(ValueError, match="group"):
+        rp.Budget(group=1)
+
+
+def test_quick_every_method_runs_and_logs(tmp_path, capsys):
+    out = tmp_path / "rq"
+    assert rp.main(["--quick", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["table"]) == set(rp.METHODS)
+    for r in res["runs"]:
+        assert r["steps"] == rp.QUICK.steps
+        acc = r["accuracy"]
+        assert set(acc) >= {"easy", "medium", "hard", "all"} and all(0 <= acc[k] <= 1 for k in acc if k != "n_eval")
+        hist = rp._history(out / r["method"] / "seed0")
+        assert [h["step"] for h in hist if "loss" in h or "reward" in h], r["method"]  # training metrics logged
+        assert any("eval/accuracy" in h for h in hist), r["method"]
+        # only HPT routes prompts; its fraction is a real fraction
+        assert (r["last_sft_fraction"] is not None) == (r["method"] == "hpt")
+    hpt_hist = rp._history(out / "hpt" / "seed0")
+    assert all(0 <= h["hpt/sft_fraction"] <= 1 for h in hpt_hist if "hpt/sft_fraction" in h)
+    # sft-then-grpo: both stages' steps, the second offset after the first
+    steps = [h["step"] for h in rp._history(out / "sft-then-grpo" / "seed0") if "eval/accuracy" in h]
+    assert max(steps) == rp.QUICK.steps
+    assert (out / "results.md").read_text().count("\n| ") == len(rp.METHODS)
+    assert (out / "curves.png").stat().st_size > 1000
+    # resumable: a second call trains nothing (every result.json exists) and reports the same numbers
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/seed0/result.json")}
+    capsys.readouterr()
+    assert rp.main(["--quick", "--out", str(out), "--methods", "hpt,grpo"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed0/result.json")} == before
+    again = json.loads((out / "results.json").read_text())
+    assert again["table"]["hpt"]["all"] == res["table"]["hpt"]["all"]
