@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 import fastupg  # noqa: E402
 from fastupg.estimator import Estimator  # noqa: E402
+from fastupg.kernels import fused_policy_loss, token_logprobs  # noqa: E402
 
 
 def _bench(fn, cuda: bool, reps: int = 20) -> float:
@@ -57,13 +58,14 @@ def copy_bandwidth(nbytes: int, dev) -> float:
 
 
 def make(B, T, V, dtype, dev, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    logits = (torch.randn(B, T, V, generator=g) * 2).to(dtype).to(dev)
-    y = torch.randint(0, V, (B, T), generator=g).to(dev)
-    adv = torch.randn(B, T, generator=g).to(dev)
+    g = torch.Generator(device=dev).manual_seed(seed)  # generated on the device: 5e9 logits take minutes on a CPU
+    logits = (torch.randn(B, T, V, generator=g, device=dev, dtype=torch.float32) * 2).to(dtype)
+    y = torch.randint(0, V, (B, T), generator=g, device=dev)
+    adv = torch.randn(B, T, generator=g, device=dev)
     with torch.no_grad():
-        old = torch.log_softmax(logits.float(), -1).gather(-1, y[..., None])[..., 0]
-    old = old + 0.1 * torch.randn(B, T, generator=g).to(dev)
+        old = token_logprobs(logits, y) if dev.type == "cuda" else \
+            torch.log_softmax(logits.float(), -1).gather(-1, y[..., None])[..., 0]
+    old = old + 0.1 * torch.randn(B, T, generator=g, device=dev)
     mask = torch.ones(B, T, dtype=torch.bool, device=dev)
     return logits, y, adv, old, mask
 
@@ -79,8 +81,6 @@ def main(argv=None):
     dtype = torch.bfloat16
     triton_ok = cuda or os.environ.get("TRITON_INTERPRET") == "1"
     est = Estimator.preset("grpo")
-    from fastupg.kernels.fused_loss import fused_policy_loss
-    from fastupg.kernels.logprobs import token_logprobs
 
     def eager_logp(z, y):
         return torch.log_softmax(z.float(), -1).gather(-1, y[..., None])[..., 0]
@@ -156,6 +156,10 @@ def main(argv=None):
                 except Exception as e:  # noqa: BLE001
                     print(f"# liger failed: {type(e).__name__}: {str(e)[:200]}")
             run_liger()
+        if triton_ok:  # last: the in-place backward overwrites the logits buffer (the values change, not the work)
+            run("fastupg inplace", lambda z: token_logprobs(z, y, inplace_backward=True), "logp")
+            run("fastupg fused inplace", lambda z: fused_policy_loss(z, y, est, advantages=adv, old_logp=old,
+                                                                      mask=mask, inplace_backward=True)[0], "grpo")
         del logits
 
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu (torch paths only, times meaningless)'}")

@@ -188,7 +188,7 @@ def _agg_weights_one(mask: torch.Tensor, seq: torch.Tensor | None, nseq: int, mo
 
 def aggregation_weights(estimator: Estimator, mask: torch.Tensor, offline: torch.Tensor,
                         seq_ids: torch.Tensor | None, agg: str | None = None,
-                        padded_len: int | None = None) -> torch.Tensor:
+                        padded_len: int | None = None, nseq: int | None = None) -> torch.Tensor:
     """s_t such that the aggregated loss is sum_t s_t * loss_t. O(N); shared by every implementation."""
     mode = agg or estimator.agg
     _choice("policy_loss", "agg", mode, AGGS)
@@ -199,7 +199,10 @@ def aggregation_weights(estimator: Estimator, mask: torch.Tensor, offline: torch
                          "padded length is the default constant)")
     if any(m.startswith("seq-mean") and m != "seq-mean-token-sum-norm" for m in modes) and seq_ids is None:
         raise ValueError(f"agg={modes} needs seq_ids= (or 2-D log-probs, one row per sequence)")
-    seq, nseq = _dense_ids(seq_ids) if seq_ids is not None else (None, 0)
+    seq = None
+    if seq_ids is not None and any(m.startswith("seq-mean") and m != "seq-mean-token-sum-norm" for m in modes):
+        # nseq given: ids are already 0..nseq-1 (the rows of 2-D inputs); else densify (torch.unique)
+        seq, nseq = (seq_ids, nseq) if nseq is not None else _dense_ids(seq_ids)
     mask = mask.to(torch.float64)  # O(N): exact weights cost nothing next to the vocabulary pass
     if estimator.offline_agg is None:
         return _agg_weights_one(mask, seq, nseq, mode, norm)
@@ -248,7 +251,21 @@ def _branch_pg(est: Estimator, b: Branch, l, A, old, seq_ratio, metrics_out: dic
     return loss, low, high, dual, r
 
 
-def _check_tensor(name: str, t, n_shape, *, finite=True, dtype_kind=None):
+def raise_failed_checks(checks: list) -> None:
+    """Data-dependent checks, run with ONE host sync: `checks` holds (0-d bool tensor "bad", message or callable).
+
+    Every `bool(tensor)` is a GPU->CPU sync that stalls the launch queue; a loss with ten of them spends more time
+    idle than in its kernel. The checks are collected while the work is queued and read back together.
+    """
+    if not checks:
+        return
+    bad = torch.stack([b.reshape(()).to(torch.bool) for b, _ in checks]).tolist()
+    for flag, (_, msg) in zip(bad, checks):
+        if flag:
+            raise ValueError(msg() if callable(msg) else msg)
+
+
+def _check_tensor(name: str, t, n_shape, *, finite=True, dtype_kind=None, checks=None):
     if t is None:
         return None
     if not isinstance(t, torch.Tensor):
@@ -257,19 +274,24 @@ def _check_tensor(name: str, t, n_shape, *, finite=True, dtype_kind=None):
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(n_shape)} (the shape of logp)")
     if dtype_kind == "float" and not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains non-finite values (nan/inf)")
+    if finite and t.is_floating_point():
+        checks.append(((~torch.isfinite(t)).any(), f"{name} contains non-finite values (nan/inf)"))
     return t
 
 
 def prepare_inputs(logp_shape, estimator: Estimator, *, advantages, old_logp=None, mask=None, offline=None,
                    seq_ids=None, weight=None, entropy=None, ref_logp=None, device=None,
-                   entropy_in_kernel: bool = False):
+                   entropy_in_kernel: bool = False, checks: list | None = None):
     """Validate and flatten the per-token inputs shared by `policy_loss` and the fused kernels.
 
     Returns a dict of flat (N,) tensors: adv, old (or None), mask (bool), offline (bool), seq (or None),
-    weight (float: branch coef * caller weight), ref (or None), plus padded_len for 2-D inputs.
+    weight (float: branch coef * caller weight), ref (or None), plus padded_len for 2-D inputs and nseq (the number
+    of sequences when seq ids are known to be 0..nseq-1, else None).
+    Value checks (non-finite, negative weights, tokens of a missing branch) are appended to `checks` when it is
+    given, for the caller to run with its own (see `raise_failed_checks`); else they run here, in one sync.
     """
+    deferred = checks is not None
+    checks = [] if checks is None else checks
     if not isinstance(estimator, Estimator):
         raise TypeError(f"estimator must be a fastupg.Estimator, got {type(estimator).__name__}")
     shape = torch.Size(logp_shape)
@@ -279,22 +301,24 @@ def prepare_inputs(logp_shape, estimator: Estimator, *, advantages, old_logp=Non
         raise ValueError("advantages= is required (use torch.ones for SFT tokens)")
     if isinstance(advantages, (int, float)):
         advantages = torch.full(shape, float(advantages), device=device)
-    _check_tensor("advantages", advantages, shape, dtype_kind="float")
-    _check_tensor("old_logp", old_logp, shape, dtype_kind="float")
-    _check_tensor("weight", weight, shape, dtype_kind="float")
-    _check_tensor("entropy", entropy, shape, dtype_kind="float")
-    _check_tensor("ref_logp", ref_logp, shape, dtype_kind="float")
-    _check_tensor("mask", mask, shape)
-    _check_tensor("offline", offline, shape)
-    _check_tensor("seq_ids", seq_ids, shape)
+    _check_tensor("advantages", advantages, shape, dtype_kind="float", checks=checks)
+    _check_tensor("old_logp", old_logp, shape, dtype_kind="float", checks=checks)
+    _check_tensor("weight", weight, shape, dtype_kind="float", checks=checks)
+    _check_tensor("entropy", entropy, shape, dtype_kind="float", checks=checks)
+    _check_tensor("ref_logp", ref_logp, shape, dtype_kind="float", checks=checks)
+    _check_tensor("mask", mask, shape, checks=checks)
+    _check_tensor("offline", offline, shape, checks=checks)
+    _check_tensor("seq_ids", seq_ids, shape, checks=checks)
     if seq_ids is not None and seq_ids.is_floating_point():
         raise TypeError(f"seq_ids must be an integer tensor, got {seq_ids.dtype}")
-    if weight is not None and bool((weight < 0).any()):
-        raise ValueError("weight must be >= 0 everywhere")
+    if weight is not None:
+        checks.append(((weight < 0).any(), "weight must be >= 0 everywhere"))
 
     padded_len = shape[1] if len(shape) == 2 else None
+    nseq = None
     if seq_ids is None and len(shape) == 2:
         seq_ids = torch.arange(shape[0], device=advantages.device)[:, None].expand(shape)
+        nseq = shape[0]  # dense by construction: aggregation needs no torch.unique (a sort and a sync)
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
     adv = flat(advantages)
     m = torch.ones_like(adv, dtype=torch.bool) if mask is None else flat(mask).bool()
@@ -304,12 +328,13 @@ def prepare_inputs(logp_shape, estimator: Estimator, *, advantages, old_logp=Non
     else:
         off = flat(offline).bool()
     for side, sel in (("online", ~off), ("offline", off)):
-        if getattr(estimator, side) is None and bool((sel & m).any()):
-            raise ValueError(f"offline= marks {side} tokens but estimator {estimator.name!r} has no {side} branch")
-    needs_old = (estimator.online is not None and estimator.online.needs_old and bool((~off & m).any()))
-    if needs_old and old_logp is None:
-        raise ValueError(f"old_logp= is required: estimator {estimator.name!r} uses ref="
-                         f"{estimator.online.ref!r} on on-policy tokens (pass logp.detach() for a single update)")
+        if getattr(estimator, side) is None and offline is not None:
+            checks.append(((sel & m).any(), f"offline= marks {side} tokens but estimator {estimator.name!r} has "
+                                            f"no {side} branch"))
+    if estimator.online is not None and estimator.online.needs_old and old_logp is None:
+        checks.append(((~off & m).any(), f"old_logp= is required: estimator {estimator.name!r} uses ref="
+                                         f"{estimator.online.ref!r} on on-policy tokens (pass logp.detach() for a "
+                                         "single update)"))
     if estimator.entropy_coef != 0 and entropy is None and not entropy_in_kernel:
         raise ValueError("entropy= is required when Estimator.entropy_coef != 0 (token_logprobs(..., return_entropy=True))")
     if estimator.kl_coef != 0 and ref_logp is None:
@@ -322,8 +347,10 @@ def prepare_inputs(logp_shape, estimator: Estimator, *, advantages, old_logp=Non
                     torch.as_tensor(coef_on, dtype=adv.dtype, device=adv.device))
     if weight is not None:
         w = w * flat(weight).to(adv.dtype)
+    if not deferred:
+        raise_failed_checks(checks)
     return dict(adv=adv, old=flat(old_logp), mask=m, offline=off, seq=flat(seq_ids), weight=w,
-                entropy=flat(entropy), ref=flat(ref_logp), padded_len=padded_len)
+                entropy=flat(entropy), ref=flat(ref_logp), padded_len=padded_len, nseq=nseq)
 
 
 def sequence_ratio(l: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
@@ -354,16 +381,16 @@ def policy_loss(logp: torch.Tensor, estimator: Estimator, *, advantages, old_log
     """
     if not isinstance(logp, torch.Tensor) or not logp.is_floating_point():
         raise TypeError(f"logp must be a floating-point torch.Tensor, got {getattr(logp, 'dtype', type(logp))}")
-    if not bool(torch.isfinite(logp.detach()).all()):
-        raise ValueError("logp contains non-finite values (nan/inf)")
+    checks = [((~torch.isfinite(logp.detach())).any(), "logp contains non-finite values (nan/inf)")]
     x = prepare_inputs(logp.shape, estimator, advantages=advantages, old_logp=old_logp, mask=mask, offline=offline,
-                       seq_ids=seq_ids, weight=weight, entropy=entropy, ref_logp=ref_logp)
+                       seq_ids=seq_ids, weight=weight, entropy=entropy, ref_logp=ref_logp, checks=checks)
+    raise_failed_checks(checks)
     l = logp.reshape(-1)
     dt = l.dtype
     A = x["adv"].to(dt)
     old = x["old"].to(dt) if x["old"] is not None else None
     m, off = x["mask"], x["offline"]
-    s = aggregation_weights(estimator, m, off, x["seq"], agg, x["padded_len"]).to(dt) * x["weight"].to(dt)
+    s = aggregation_weights(estimator, m, off, x["seq"], agg, x["padded_len"], x["nseq"]).to(dt) * x["weight"].to(dt)
 
     pg = torch.zeros_like(l)
     low = torch.zeros_like(m)
@@ -372,7 +399,7 @@ def policy_loss(logp: torch.Tensor, estimator: Estimator, *, advantages, old_log
     for is_off in (False, True):
         b = estimator.branch(is_off)
         sel = (off == is_off)
-        if b is None or not bool(sel.any()):
+        if b is None:  # (no `sel.any()` skip: a host sync costs more than the O(N) branch math)
             continue
         sr = None
         if b.ref == "seq":

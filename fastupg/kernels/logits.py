@@ -28,23 +28,37 @@ import torch
 import triton
 import triton.language as tl
 
-from fastupg.estimator import Estimator, aggregation_weights, prepare_inputs
+from fastupg.estimator import Estimator, aggregation_weights, prepare_inputs, raise_failed_checks
 from fastupg.kernels import torch_reference as reference
 
 _REF = {"policy": 0, "old": 1, "one": 2}
 _MASK = {"none": 0, "clip": 1, "cispo": 2}
 _KL = {"k1": 1, "k2": 2, "k3": 3}
-_NEG = -1.0e30  # finite "minus infinity" for the running max: keeps exp(m_old - m_new) free of inf - inf
+_NEG = tl.constexpr(-1.0e30)  # (constexpr: compiled kernels read no plain globals) finite "minus infinity" for the running max: keeps exp(m_old - m_new) free of inf - inf
 
 
 def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _block(V: int, block_v: int | None) -> tuple[int, int]:
-    block = block_v or min(8192, triton.next_power_of_2(V))
-    warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
-    return block, warps
+# Launch configurations (vocabulary block, warps, pipeline stages) per kernel kind. Passes that reduce over the
+# vocabulary run best with few warps per row and many rows per SM (no cross-warp reduction in the loop); the
+# gradient pass is elementwise. Chosen by measurement: benchmarks/tune_logits.py, see benchmarks/RESULTS.md.
+LAUNCH = {
+    "stats": dict(block=1024, warps=1, stages=2),   # _logprobs_fwd: one reduction pass
+    "grad": dict(block=4096, warps=8, stages=1),    # _logprobs_bwd: one elementwise pass
+    "fused": dict(block=1024, warps=1, stages=2, block_g=1024),  # _fused_loss_kernel: reduction + gradient pass
+}
+
+
+def _launch(kind: str, V: int, block_v: int | None) -> dict:
+    """Kernel launch arguments for a row of V logits; block_v (tests) overrides every vocabulary block."""
+    c = LAUNCH[kind]
+    cap = triton.next_power_of_2(V)
+    out = dict(BLOCK=min(block_v or c["block"], cap), num_warps=c["warps"], num_stages=c["stages"])
+    if "block_g" in c:
+        out["BLOCK_G"] = min(block_v or c["block_g"], cap)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -89,7 +103,7 @@ def _logprobs_fwd(logits_ptr, stride, targets_ptr, logp_ptr, lse_ptr, ent_ptr, t
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride
     lse, ex = _row_stats(row_ptr, V, BLOCK, inv_t)
-    t = tl.load(targets_ptr + row)
+    t = tl.minimum(tl.maximum(tl.load(targets_ptr + row), 0), V - 1)  # out-of-range targets: error raised on host
     xt = tl.load(row_ptr + t).to(tl.float32) * inv_t
     tl.store(logp_ptr + row, xt - lse)
     tl.store(lse_ptr + row, lse)
@@ -161,7 +175,7 @@ def _fused_loss_kernel(logits_ptr, stride, grad_ptr, gstride, targets_ptr,
                        adv_ptr, old_ptr, off_ptr, scale_ptr, ref_ptr,
                        ell_ptr, logp_ptr, ent_ptr, flags_ptr, ratio_ptr, tgt_logit_ptr,
                        inv_t, eps_low, eps_high, dual_c, gamma, ent_coef, kl_coef,
-                       V: tl.constexpr, BLOCK: tl.constexpr,
+                       V: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr,
                        ON_REF: tl.constexpr, ON_MASK: tl.constexpr, OFF_REF: tl.constexpr, OFF_MASK: tl.constexpr,
                        HAS_OLD: tl.constexpr, DUAL: tl.constexpr, KL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -169,9 +183,9 @@ def _fused_loss_kernel(logits_ptr, stride, grad_ptr, gstride, targets_ptr,
     grad_row = grad_ptr + row * gstride
     scale = tl.load(scale_ptr + row)
     if scale == 0:  # masked / zero-weight token: zero gradient row, no vocabulary pass over the logits
-        for start in range(0, V, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            tl.store(grad_row + offs, tl.zeros((BLOCK,), tl.float32).to(grad_ptr.dtype.element_ty), mask=offs < V)
+        for start in range(0, V, BLOCK_G):
+            offs = start + tl.arange(0, BLOCK_G)
+            tl.store(grad_row + offs, tl.zeros((BLOCK_G,), tl.float32).to(grad_ptr.dtype.element_ty), mask=offs < V)
         tl.store(ell_ptr + row, 0.0)
         tl.store(logp_ptr + row, 0.0)
         tl.store(ent_ptr + row, 0.0)
@@ -181,7 +195,7 @@ def _fused_loss_kernel(logits_ptr, stride, grad_ptr, gstride, targets_ptr,
     else:
         lse, ex = _row_stats(row_ptr, V, BLOCK, inv_t)
         H = lse - ex
-        t = tl.load(targets_ptr + row)
+        t = tl.minimum(tl.maximum(tl.load(targets_ptr + row), 0), V - 1)  # out of range: error raised on host
         xt = tl.load(row_ptr + t).to(tl.float32) * inv_t
         l = xt - lse
         A = tl.load(adv_ptr + row)
@@ -209,7 +223,7 @@ def _fused_loss_kernel(logits_ptr, stride, grad_ptr, gstride, targets_ptr,
                 ell += kl_coef * (tl.exp(delta) - delta - 1.0)
                 d += kl_coef * (1.0 - tl.exp(delta))
         ell -= ent_coef * H
-        _write_grad(row_ptr, grad_row, V, BLOCK, inv_t, lse, H, t, scale * d, scale * ent_coef)
+        _write_grad(row_ptr, grad_row, V, BLOCK_G, inv_t, lse, H, t, scale * d, scale * ent_coef)
         tl.store(ell_ptr + row, ell)
         tl.store(logp_ptr + row, l)
         tl.store(ent_ptr + row, H)
@@ -223,7 +237,9 @@ def _fused_loss_kernel(logits_ptr, stride, grad_ptr, gstride, targets_ptr,
 # ------------------------------------------------------------------------------------------------------------------
 # argument checks (O(N); never an extra pass over N x V)
 # ------------------------------------------------------------------------------------------------------------------
-def _flatten(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
+def _flatten(logits: torch.Tensor, targets: torch.Tensor, temperature: float, checks: list | None = None):
+    """Argument checks and (N, V) / (N,) views. The targets-range check is a data check: appended to `checks` when
+    given (run later with the other checks in one host sync; the kernels clamp the index meanwhile), else run now."""
     if not isinstance(logits, torch.Tensor) or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16,
                                                                     torch.float64):
         raise TypeError(f"logits must be a float32/bfloat16/float16 tensor, got {getattr(logits, 'dtype', logits)}")
@@ -238,22 +254,27 @@ def _flatten(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
     if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature != float("inf")):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     V = logits.shape[-1]
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= V):
-        raise ValueError(f"targets must lie in [0, {V}) (vocabulary size); got values in "
-                         f"[{int(targets.min())}, {int(targets.max())}] -- replace ignored positions by 0 and mask them")
+    if targets.numel():
+        now = checks is None
+        checks = [] if now else checks
+        checks.append((((targets < 0) | (targets >= V)).any(), lambda: (
+            f"targets must lie in [0, {V}) (vocabulary size); got values in [{int(targets.min())}, "
+            f"{int(targets.max())}] -- replace ignored positions by 0 and mask them")))
+        if now:
+            raise_failed_checks(checks)
     z = logits.reshape(-1, V)
     if z.stride(-1) != 1:
         z = z.contiguous()
     return z, targets.reshape(-1).to(torch.int64).contiguous()
 
 
-def _check_finite_rows(lse: torch.Tensor, tgt: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-    ok = torch.isfinite(lse) & torch.isfinite(tgt)
+def _nonfinite_check(lse: torch.Tensor, tgt: torch.Tensor, rows: torch.Tensor | None = None):
+    """(bad, message) for raise_failed_checks: a non-finite row of logits (or a -inf target logit)."""
+    bad = ~(torch.isfinite(lse) & torch.isfinite(tgt))
     if rows is not None:
-        ok = ok | ~rows
-    if not bool(ok.all()):
-        bad = int((~ok).nonzero()[0])
-        raise ValueError(f"logits contain non-finite values (nan/inf) in row {bad} (or the target logit is -inf)")
+        bad = bad & rows
+    return bad.any(), lambda: (f"logits contain non-finite values (nan/inf) in row {int(bad.nonzero()[0])} "
+                               "(or the target logit is -inf)")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -262,31 +283,32 @@ def _check_finite_rows(lse: torch.Tensor, tgt: torch.Tensor, rows: torch.Tensor 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temperature, inplace_backward, block_v):
-        z, t = _flatten(logits, targets, temperature)
+        checks = []
+        z, t = _flatten(logits, targets, temperature, checks)
         N, V = z.shape
-        BLOCK, warps = _block(V, block_v)
         f32 = dict(dtype=torch.float32, device=z.device)
         logp, lse, ent, tgt = (torch.empty(N, **f32) for _ in range(4))
         if N:
-            _logprobs_fwd[(N,)](z, z.stride(0), t, logp, lse, ent, tgt, 1.0 / temperature, V=V, BLOCK=BLOCK,
-                                num_warps=warps)
-            _check_finite_rows(lse, tgt)
+            _logprobs_fwd[(N,)](z, z.stride(0), t, logp, lse, ent, tgt, 1.0 / temperature, V=V,
+                                **_launch("stats", V, block_v))
+            checks.append(_nonfinite_check(lse, tgt))
+        raise_failed_checks(checks)  # the one host sync of the forward
         ctx.save_for_backward(z, t, lse, ent)
-        ctx.meta = (logits.shape, temperature, inplace_backward, BLOCK, warps)
+        ctx.meta = (logits.shape, temperature, inplace_backward, block_v)
         shape = logits.shape[:-1]
         return logp.view(shape), ent.view(shape)
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         z, t, lse, ent = ctx.saved_tensors
-        shape, temperature, inplace, BLOCK, warps = ctx.meta
+        shape, temperature, inplace, block_v = ctx.meta
         N, V = z.shape
         g_logp = torch.zeros(N, device=z.device) if g_logp is None else g_logp.reshape(-1).float().contiguous()
         g_ent = torch.zeros(N, device=z.device) if g_ent is None else g_ent.reshape(-1).float().contiguous()
         grad = z if inplace else torch.empty_like(z)
         if N:
             _logprobs_bwd[(N,)](z, z.stride(0), grad, grad.stride(0), t, lse, ent, g_logp, g_ent, 1.0 / temperature,
-                                V=V, BLOCK=BLOCK, num_warps=warps)
+                                V=V, **_launch("grad", V, block_v))
         return grad.view(shape), None, None, None, None
 
 
@@ -313,18 +335,19 @@ def _codes(b, default_ref="policy"):
 
 
 def loss_and_grad_rows(logits2d: torch.Tensor, targets1d: torch.Tensor, estimator: Estimator, x: dict,
-                       temperature: float, grad_out: torch.Tensor | None = None, block_v: int | None = None):
+                       temperature: float, grad_out: torch.Tensor | None = None, block_v: int | None = None,
+                       checks: list | None = None):
     """Row-level building block: per-token loss ell_t, log-prob, entropy, and grad = d(sum_t scale_t ell_t)/d logits.
 
     `x` is the dict of `fastupg.estimator.prepare_inputs` for these rows plus key `scale` (s_t * w_t, float32).
     grad is written into `grad_out` when given (it may be `logits2d` itself). Returns (ell, logp, entropy, grad, aux)
-    with aux = (flags (M, 3): clip low/high/dual, ratio (M,)).
+    with aux = (flags (M, 3): clip low/high/dual, ratio (M,)). The non-finite-logits check is appended to `checks`
+    when given (see fastupg.estimator.raise_failed_checks), else run here.
     """
     if estimator.sequence_level:
         raise ValueError(f"estimator {estimator.name!r} is sequence-level: use token_logprobs + fastupg.policy_loss")
     z, t = logits2d, targets1d
     M, V = z.shape
-    BLOCK, warps = _block(V, block_v)
     dev = z.device
     f32 = dict(dtype=torch.float32, device=dev)
     ell, logp, ent, ratio, tgt = (torch.empty(M, **f32) for _ in range(5))
@@ -345,9 +368,13 @@ def loss_and_grad_rows(logits2d: torch.Tensor, targets1d: torch.Tensor, estimato
             1.0 / temperature, float(estimator.eps_low), float(estimator.eps_high),
             float(estimator.dual_clip or 0.0), float(estimator.gamma), float(estimator.entropy_coef),
             float(estimator.kl_coef),
-            V=V, BLOCK=BLOCK, ON_REF=on_ref, ON_MASK=on_mask, OFF_REF=off_ref, OFF_MASK=off_mask,
-            HAS_OLD=has_old, DUAL=estimator.dual_clip is not None, KL=kl, num_warps=warps)
-        _check_finite_rows(torch.where(scale != 0, logp, 0.0), tgt, rows=scale != 0)
+            V=V, ON_REF=on_ref, ON_MASK=on_mask, OFF_REF=off_ref, OFF_MASK=off_mask,
+            HAS_OLD=has_old, DUAL=estimator.dual_clip is not None, KL=kl, **_launch("fused", V, block_v))
+        check = _nonfinite_check(torch.where(scale != 0, logp, 0.0), tgt, rows=scale != 0)
+        if checks is None:
+            raise_failed_checks([check])
+        else:
+            checks.append(check)
     return ell, logp, ent, grad, (flags, ratio)
 
 
@@ -367,24 +394,30 @@ class _FusedPolicyLoss(torch.autograd.Function):
 
 
 def _metrics(est: Estimator, loss, contrib, x, ent, flags, ratio):
+    """The metrics of fastupg.policy_loss from the kernel's per-token outputs, as ONE (2, N) x (N, 7) product:
+    every metric is a sum over on-policy or offline tokens (a dozen small reductions would cost more launches than
+    the loss itself at N = 8k)."""
     m = x["mask"] & (x["scale"] != 0)  # rows the kernel skipped (weight 0) have no entropy/ratio
     off = x["offline"]
-    mf = m.float()
-    on = (mf * (~off).float())
-    n_on = on.sum()
+    rows = torch.stack([m & ~off, m & off]).double()                                       # (2, N)
+    cols = torch.cat([contrib[:, None], flags, ratio[:, None], ent[:, None], torch.ones_like(ent)[:, None]], 1)
+    R = rows @ cols.double()  # (2, 7); float64: exact counts, and no TF32 whatever the matmul precision setting
+    n_on, n_off = R[0, 6], R[1, 6]
+    per_on = R[0, 1:5] / n_on.clamp_min(1)            # clip low, high, dual, ratio sum -> fractions / mean
     uses_ratio = est.online is not None and est.online.ref != "policy"
+    low, high, dual, rmean = per_on.float().unbind()
     return {
         "loss": loss.detach(),
-        "loss/online": (contrib * (~off)).sum(),
-        "loss/offline": (contrib * off).sum(),
-        "clip_ratio/low": (flags[:, 0] * on).sum() / n_on.clamp_min(1),
-        "clip_ratio/high": (flags[:, 1] * on).sum() / n_on.clamp_min(1),
-        "clip_ratio/dual": (flags[:, 2] * on).sum() / n_on.clamp_min(1),
-        "ratio/mean": (ratio * on).sum() / n_on.clamp_min(1) if uses_ratio else n_on.new_zeros(()),
-        "entropy": (ent * mf).sum() / mf.sum().clamp_min(1),
-        "kl": n_on.new_zeros(()),
-        "tokens/online": n_on,
-        "tokens/offline": (mf * off.float()).sum(),
+        "loss/online": R[0, 0].float(),
+        "loss/offline": R[1, 0].float(),
+        "clip_ratio/low": low,
+        "clip_ratio/high": high,
+        "clip_ratio/dual": dual,
+        "ratio/mean": rmean if uses_ratio else rmean.new_zeros(()),
+        "entropy": ((R[0, 5] + R[1, 5]) / (n_on + n_off).clamp_min(1)).float(),
+        "kl": rmean.new_zeros(()),
+        "tokens/online": n_on.float(),
+        "tokens/offline": n_off.float(),
     }
 
 
@@ -402,8 +435,10 @@ def fused_policy_loss(logits: torch.Tensor, targets: torch.Tensor, estimator: Es
         return reference.fused_policy_loss_ref(
             logits, targets, estimator, advantages=advantages, old_logp=old_logp, mask=mask, offline=offline,
             seq_ids=seq_ids, weight=weight, ref_logp=ref_logp, temperature=temperature, agg=agg)
-    z, t = _flatten(logits, targets, temperature)
+    checks = []
+    z, t = _flatten(logits, targets, temperature, checks)
     if estimator.sequence_level:
+        raise_failed_checks(checks)
         logp, ent = token_logprobs(logits, targets, temperature, return_entropy=True,
                                    inplace_backward=inplace_backward, block_v=block_v)
         from fastupg.estimator import policy_loss
@@ -411,21 +446,24 @@ def fused_policy_loss(logits: torch.Tensor, targets: torch.Tensor, estimator: Es
                            seq_ids=seq_ids, weight=weight, entropy=ent, ref_logp=ref_logp, agg=agg)
     x = prepare_inputs(targets.shape, estimator, advantages=advantages, old_logp=old_logp, mask=mask, offline=offline,
                        seq_ids=seq_ids, weight=weight, entropy=None, ref_logp=ref_logp, device=z.device,
-                       entropy_in_kernel=True)
+                       entropy_in_kernel=True, checks=checks)
     padded = targets.shape[1] if targets.dim() == 2 else None
-    s = aggregation_weights(estimator, x["mask"], x["offline"], x["seq"], agg, padded)
+    s = aggregation_weights(estimator, x["mask"], x["offline"], x["seq"], agg, padded, x["nseq"])
     x["scale"] = (s * x["weight"].double()).float()
     ell, logp, ent, grad, (flags, ratio) = loss_and_grad_rows(z, t, estimator, x, temperature,
                                                               grad_out=z if inplace_backward else None,
-                                                              block_v=block_v)
+                                                              block_v=block_v, checks=checks)
     contrib = torch.where(x["scale"] != 0, x["scale"].double() * ell.double(), 0.0)
     loss = contrib.sum().to(torch.float32)
     out = _FusedPolicyLoss.apply(logits, loss, grad)
     with torch.no_grad():
-        metrics = _metrics(estimator, loss, contrib.float(), x, ent, flags, ratio)
+        metrics = _metrics(estimator, loss, contrib, x, ent, flags, ratio)
         if x["ref"] is not None:
             d = x["ref"].float() - logp
             kl = {"k1": -d, "k2": 0.5 * d * d, "k3": torch.exp(d) - d - 1}[estimator.kl_estimator]
             mf = x["mask"].float()
             metrics["kl"] = (kl * mf).sum() / mf.sum().clamp_min(1)
+    # the one host sync, last: argument values and non-finite logits read back together, after everything above was
+    # queued (so that the host work overlaps the kernel instead of waiting for it)
+    raise_failed_checks(checks)
     return out, metrics

@@ -1,0 +1,153 @@
+"""Correctness of the compiled kernels on a CUDA GPU at real vocabulary sizes, against float64 PyTorch.
+
+The test suite checks the kernels under TRITON_INTERPRET=1 on small sizes; the compiled GPU code can still differ
+(32-bit offset overflow on large N x V, bf16 conversions, default block sizes that the tests never use). Run this
+once on every GPU before timing anything:
+
+    python benchmarks/check_cuda.py            # V = 151936 (Qwen2.5), every preset, fp32 and bf16; exits 1 on failure
+
+Each line: op, preset, dtype, relative error of the loss (against the size of its terms) and of each gradient
+(max |err| / max |ref|), and the tolerance of the core issue (1e-5 fp32, 2e-2 bf16).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+from fastupg.estimator import PRESETS, Estimator  # noqa: E402
+from fastupg.kernels import (fused_linear_policy_loss, fused_policy_loss, token_logprobs)  # noqa: E402
+from fastupg.kernels.torch_reference import fused_policy_loss_ref, token_logprobs_ref  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+TEMP = 0.7
+failures: list[str] = []
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def report(op, name, dtype, errs: dict, tol):
+    ok = all(e <= tol for e in errs.values())
+    line = f"{'ok ' if ok else 'BAD'} {op:<22} {name:<8} {str(dtype)[6:]:<8} " + \
+        " ".join(f"{k}={v:.1e}" for k, v in errs.items()) + f"  (tol {tol:g})"
+    print(line, flush=True)
+    if not ok:
+        failures.append(line)
+
+
+def batch(est: Estimator, B, T, V, dev, g):
+    logits = torch.randn(B, T, V, generator=g, device=dev) * 2.0
+    targets = torch.randint(0, V, (B, T), generator=g, device=dev)
+    lp = torch.log_softmax(logits.double() / TEMP, -1).gather(-1, targets[..., None])[..., 0].float()
+    kw = dict(advantages=torch.randn(B, T, generator=g, device=dev))
+    mask = torch.rand(B, T, generator=g, device=dev) > 0.2
+    kw["mask"] = mask
+    if est.online is not None and est.online.needs_old:
+        kw["old_logp"] = lp + 0.5 * torch.randn(B, T, generator=g, device=dev)  # clipping on both sides
+    if est.online is not None and est.offline is not None:
+        off = torch.zeros(B, T, dtype=torch.bool, device=dev)
+        off[-1] = True
+        kw["offline"] = off
+    kw["weight"] = torch.rand(B, T, generator=g, device=dev) + 0.5
+    kw["seq_ids"] = torch.arange(B, device=dev)[:, None].expand(B, T).contiguous()
+    return logits, targets, kw
+
+
+def loss_err(loss, ref, kw):
+    m = kw["mask"].double()
+    size = max(abs(ref.item()), ((kw["advantages"].abs().double() * m).sum() / m.sum()).item())
+    return abs(loss.item() - ref.item()) / size
+
+
+def check_logits_ops(dev, V=151936, B=2, T=192):
+    g = torch.Generator(device=dev).manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(B, T, V, generator=g, device=dev) * 3).to(dtype)
+        y = torch.randint(0, V, (B, T), generator=g, device=dev)
+        gl, ge = torch.randn(B, T, generator=g, device=dev), torch.randn(B, T, generator=g, device=dev)
+        z = logits.clone().requires_grad_()
+        lp, ent = token_logprobs(z, y, TEMP, return_entropy=True)
+        zr = logits.double().requires_grad_()
+        lr, er = token_logprobs_ref(zr, y, TEMP, return_entropy=True)
+        (lp * gl + ent * ge).sum().backward()
+        (lr * gl + er * ge).sum().backward()
+        report("token_logprobs", "-", dtype, dict(logp=rel(lp, lr), ent=rel(ent, er), dz=rel(z.grad, zr.grad)),
+               TOL[dtype])
+        del z, zr, logits
+        for name in sorted(PRESETS):
+            est = Estimator.preset(name)
+            if est.agg == "seq-mean-token-sum-norm":
+                est = Estimator.preset(name, agg_norm=float(T))
+            logits, targets, kw = batch(est, B, T, V, dev, g)
+            logits = logits.to(dtype)
+            zr = logits.double().requires_grad_()
+            loss_r, _ = fused_policy_loss_ref(zr, targets, est, temperature=TEMP, **kw)
+            loss_r.backward()
+            z = logits.clone().requires_grad_()
+            loss, _ = fused_policy_loss(z, targets, est, temperature=TEMP, **kw)
+            loss.backward()
+            report("fused_policy_loss", name, dtype, dict(loss=loss_err(loss, loss_r, kw), dz=rel(z.grad, zr.grad)),
+                   TOL[dtype])
+            del z, zr, logits
+            torch.cuda.empty_cache()
+
+
+def check_fused_linear(dev, V=151936, D=1536, B=4, T=256):
+    g = torch.Generator(device=dev).manual_seed(1)
+    for name in ("sft", "grpo", "dapo", "luffy", "hpt", "gspo"):
+        est = Estimator.preset(name)
+        if est.agg == "seq-mean-token-sum-norm":
+            est = Estimator.preset(name, agg_norm=float(T))
+        h = torch.randn(B, T, D, generator=g, device=dev, dtype=torch.float64)
+        w = torch.randn(V, D, generator=g, device=dev, dtype=torch.float64) * (2.0 / D ** 0.5)
+        with torch.no_grad():
+            logits = h @ w.t()
+        _, targets, kw = batch(est, B, T, V, dev, g)
+        if "old_logp" in kw:  # old log-probs of these logits, perturbed past the clip range
+            lp = torch.log_softmax(logits / TEMP, -1).gather(-1, targets[..., None])[..., 0].float()
+            kw["old_logp"] = lp + 0.5 * torch.randn(B, T, generator=g, device=dev)
+        del logits
+        kw["token_weight"] = kw.pop("weight")
+        for dtype in (torch.float32, torch.bfloat16):
+            # the oracle sees the same rounded inputs as the kernel (else bf16 rounding of h, w moves tokens across
+            # the clip boundary and the comparison measures the rounding, not the kernel)
+            hr, wr = h.to(dtype).double().requires_grad_(), w.to(dtype).double().requires_grad_()
+            loss_r, _ = fused_linear_policy_loss(hr, wr, targets, est, temperature=TEMP, impl="torch", **kw)
+            loss_r.backward()
+            for impl in ("triton", "chunked"):
+                for exact in ((True, False) if dtype == torch.bfloat16 else (True,)):
+                    hx, wx = h.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+                    loss, _ = fused_linear_policy_loss(hx, wx, targets, est, temperature=TEMP, impl=impl,
+                                                       exact=exact, **kw)
+                    loss.backward()
+                    tol = TOL[dtype] if dtype == torch.bfloat16 else 1e-4  # fp32: 1e-4 for D-long fp32 dot products
+                    report(f"fused_linear[{impl}{'' if exact else ',skip'}]", name, dtype,
+                           dict(loss=loss_err(loss, loss_r, kw), dh=rel(hx.grad, hr.grad), dw=rel(wx.grad, wr.grad)),
+                           tol)
+                    del hx, wx
+        del hr, wr, h, w
+        torch.cuda.empty_cache()
+
+
+def main():
+    if not torch.cuda.is_available():
+        sys.exit("check_cuda.py needs a CUDA GPU (the test suite covers the CPU interpreter)")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.device("cuda")
+    import triton  # noqa: PLC0415
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
+    check_logits_ops(dev)
+    check_fused_linear(dev)
+    print(f"# {len(failures)} failure(s)")
+    for f in failures:
+        print(f)
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
