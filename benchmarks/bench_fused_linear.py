@@ -40,7 +40,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from fastupg.estimator import Estimator, policy_loss  # noqa: E402
-from fastupg.kernels.fused_linear import fused_linear_logprobs, fused_linear_policy_loss  # noqa: E402
+from fastupg.kernels.fused_linear import (DEFAULT_CHUNK_BYTES, fused_linear_logprobs,  # noqa: E402
+                                          fused_linear_policy_loss)
 
 
 # -- problem ----------------------------------------------------------------------------------------------------------
@@ -79,14 +80,15 @@ class Problem:
 
 
 # -- methods: each returns (forward() -> loss, needs leaves) ----------------------------------------------------------
-def m_fastupg(impl, sft=False):
+def m_fastupg(impl, sft=False, chunk_bytes=DEFAULT_CHUNK_BYTES):
     def make(p: Problem):
         h, w = p.leaves()
         if sft:
             return (lambda: fused_linear_policy_loss(h, w, p.targets, p.sft, advantages=1.0, mask=p.mask,
-                                                     impl=impl)[0]), (h, w)
+                                                     impl=impl, chunk_bytes=chunk_bytes)[0]), (h, w)
         return (lambda: fused_linear_policy_loss(h, w, p.targets, p.est, advantages=p.advantages,
-                                                 old_logp=p.old_logp, mask=p.mask, impl=impl)[0]), (h, w)
+                                                 old_logp=p.old_logp, mask=p.mask, impl=impl,
+                                                 chunk_bytes=chunk_bytes)[0]), (h, w)
     return make
 
 
@@ -143,6 +145,7 @@ class _Gemm:
 METHODS = {
     "fastupg-triton": m_fastupg("triton"),
     "fastupg-chunked": m_fastupg("chunked"),
+    "fastupg-chunked-128m": m_fastupg("chunked", chunk_bytes=2 ** 27),  # 128 MiB of fp32 logits per chunk
     "fastupg-torch": m_fastupg("torch"),
     "fastupg-triton-sft": m_fastupg("triton", sft=True),
     "fastupg-chunked-sft": m_fastupg("chunked", sft=True),
@@ -250,10 +253,9 @@ def run_one(name, p: Problem, cuda, reps):
             g.buf = None
     except ImportError as e:
         row["status"] = f"n/a ({e.name or e} not installed)"
-    except (RuntimeError, MemoryError) as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
-        if not _is_oom(e) and not isinstance(e, MemoryError):
-            raise
-        row["status"] = "OOM"
+    except Exception as e:  # noqa: BLE001  (torch.cuda.OutOfMemoryError is a RuntimeError)
+        row["status"] = "OOM" if (_is_oom(e) or isinstance(e, MemoryError)) else \
+            f"error ({type(e).__name__}: {str(e).splitlines()[0][:80]})"  # a peer's failure must not stop the run
     finally:
         if cuda:
             torch.cuda.empty_cache()
@@ -292,7 +294,10 @@ def main(argv=None):
                     raise
                 rows += [dict(method=m, N=N, D=D, V=a.v, status="OOM (inputs)") for m in a.methods]
                 continue
-            block = [run_one(m, p, cuda, a.reps) for m in a.methods]
+            block = []
+            for m in a.methods:  # one line per method as it finishes: a run cut short still shows what it measured
+                block.append(run_one(m, p, cuda, a.reps))
+                print(f"# N={N} D={D} {block[-1]}", flush=True)
             gemm = next((r for r in block if r["method"] == "gemm" and r["total_ms"]), None)
             liger = next((r for r in block if r["method"] == "liger" and r["total_ms"]), None)
             for r in block:

@@ -259,7 +259,8 @@ def raise_failed_checks(checks: list) -> None:
     """
     if not checks:
         return
-    bad = torch.stack([b.reshape(()).to(torch.bool) for b, _ in checks]).tolist()
+    dev = checks[0][0].device  # (a check built from a CPU scalar argument joins the others' device)
+    bad = torch.stack([b.reshape(()).to(dev, torch.bool) for b, _ in checks]).tolist()
     for flag, (_, msg) in zip(bad, checks):
         if flag:
             raise ValueError(msg() if callable(msg) else msg)
@@ -383,7 +384,8 @@ def policy_loss(logp: torch.Tensor, estimator: Estimator, *, advantages, old_log
         raise TypeError(f"logp must be a floating-point torch.Tensor, got {getattr(logp, 'dtype', type(logp))}")
     checks = [((~torch.isfinite(logp.detach())).any(), "logp contains non-finite values (nan/inf)")]
     x = prepare_inputs(logp.shape, estimator, advantages=advantages, old_logp=old_logp, mask=mask, offline=offline,
-                       seq_ids=seq_ids, weight=weight, entropy=entropy, ref_logp=ref_logp, checks=checks)
+                       seq_ids=seq_ids, weight=weight, entropy=entropy, ref_logp=ref_logp, device=logp.device,
+                       checks=checks)
     raise_failed_checks(checks)
     l = logp.reshape(-1)
     dt = l.dtype

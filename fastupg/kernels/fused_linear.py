@@ -13,12 +13,13 @@ Public API
 impl
     "triton"   fully fused Triton kernels (fastupg/kernels/_fused_linear_triton.py); CUDA, or CPU under
                TRITON_INTERPRET=1 (slow, for tests)
-    "chunked"  torch matmul per chunk of rows; the logits of one chunk (bounded by `chunk_bytes`, 2^27 by default)
+    "chunked"  torch matmul per chunk of rows; the logits of one chunk (bounded by `chunk_bytes`, 2^30 by default)
                are the only vocabulary-sized buffer
     "torch"    the plain reference: materialises the N x V logits, autograd does the rest; float64-capable oracle
-    None       triton on CUDA, chunked on CPU with TRITON_INTERPRET=1, torch on plain CPU. The per-device default
-               (triton vs chunked on each GPU, block sizes) is to be picked from measurements that have not been made
-               yet: no GPU was available when this was written.
+    None       chunked on CUDA and on CPU with TRITON_INTERPRET=1, torch on plain CPU. Picked by measurement on an
+               H200 (benchmarks/RESULTS.md): at N=8192, D=1536, V=151936 bf16, chunked takes 34.7 ms fwd+bwd, the
+               triton impl 303 ms (its backward accumulates dW with fp32 atomics from every row block: correct, but
+               far from the GEMM roofline; kept for its O(tile) memory and as the base of future work).
 
 Gradient of one row (u = z / T the tempered logits, p = softmax(u), l = log p[y], H = -sum p log p):
     dL/dz_j = [ dL/dl * (onehot_j - p_j)  -  dL/dH * p_j * (log p_j + H) ] / T
@@ -48,6 +49,9 @@ from fastupg.estimator import Estimator, aggregation_weights, policy_loss, prepa
 from fastupg.kernels.logits import use_triton
 
 IMPLS = ("triton", "chunked", "torch")
+# Chunked impl: bytes of fp32 logits per chunk. Measured on an H200 (benchmarks/RESULTS.md, N=8192, D=1536,
+# V=151936): 2^30 -> 34.7 ms fwd+bwd, 2.3 GiB peak; 2^27 -> 108 ms, 1.9 GiB (chunks of ~220 rows starve the GPU).
+DEFAULT_CHUNK_BYTES = 2 ** 30
 _CHUNK_FILTER_BLOCK = 4096  # chunked impl, exact=False: vocabulary columns per filtering block
 
 
@@ -59,7 +63,7 @@ class FusedLinearOptions:
     return_entropy: bool = False
     exact: bool = True
     filter_eps: float | None = None   # None: 2^-12 for 16-bit inputs, 2^-20 for fp32 (only used when exact=False)
-    chunk_bytes: int = 2 ** 27        # chunked impl: bytes of fp32 logits per chunk (about 3 such buffers are live)
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES  # chunked impl: bytes of fp32 logits per chunk (about 2 such buffers live)
     block_n: int = 64
     block_v: int = 128
     block_d: int = 64
@@ -71,10 +75,8 @@ class FusedLinearOptions:
 
 
 def default_impl(device: torch.device) -> str:
-    """triton on CUDA, chunked on CPU under TRITON_INTERPRET=1, torch otherwise (not yet tuned by measurement)."""
-    if device.type == "cuda":
-        return "triton"
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    """chunked on CUDA (measured 9x faster than the triton impl on an H200) and under TRITON_INTERPRET=1, else torch."""
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return "chunked"
     return "torch"
 
@@ -337,7 +339,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
 
 
 def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False, bias=None, impl=None,
-                          exact=True, *, filter_eps=None, chunk_bytes=2 ** 27):
+                          exact=True, *, filter_eps=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
     """log softmax((hidden @ weight.T + bias) / temperature)[targets] without materialising the logits.
 
     hidden (N, D) or (B, T, D); weight (V, D) as an lm_head stores it; targets integer, shape hidden.shape[:-1];
@@ -536,7 +538,7 @@ def _one_pass_chunked(h, w, b, tgt, est, kw, temperature, need, o: FusedLinearOp
 def fused_linear_policy_loss(hidden, weight, targets, estimator: Estimator, *, advantages, old_logp=None, mask=None,
                              offline=None, seq_ids=None, token_weight=None, ref_logp=None, agg=None,
                              temperature=1.0, bias=None, impl=None, exact=True, filter_eps=None,
-                             chunk_bytes=2 ** 27, one_pass=None):
+                             chunk_bytes=DEFAULT_CHUNK_BYTES, one_pass=None):
     """The unified-estimator loss straight from hidden states and the lm_head weight: (loss, metrics).
 
     `weight` is the lm_head weight (V, D); the per-token weight of `fastupg.policy_loss` (HPT alpha/beta) is called

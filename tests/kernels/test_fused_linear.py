@@ -310,10 +310,13 @@ def test_gpu_peak_memory_at_qwen_vocabulary(impl):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    loss, _ = fused_linear_policy_loss(h, w, tgt, est, advantages=adv, old_logp=old, impl=impl)
+    loss, _ = fused_linear_policy_loss(h, w, tgt, est, advantages=adv, old_logp=old, impl=impl,
+                                       chunk_bytes=2 ** 27)  # a small chunk: the bound below stays tight
     loss.backward()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     grad_buffers = (N * D + Vq * D) * (4 + 2)
-    budget = 64 * 2 ** 20 + 256 * N + (3 * 2 ** 27 if impl == "chunked" else 0)
+    # chunked: + 3 logits chunks + one bf16 weight-sized buffer (measured on an H200: 642 MiB beyond the gradient
+    # buffers here; the same 2.3 GB at N = 8k, 32k and 128k with 1 GiB chunks, benchmarks/RESULTS.md)
+    budget = 64 * 2 ** 20 + 256 * N + ((3 * 2 ** 27 + Vq * D * 2) if impl == "chunked" else 0)
     assert peak - grad_buffers <= budget, (peak / 2 ** 20, grad_buffers / 2 ** 20)
