@@ -67,6 +67,8 @@ class TrainConfig:
     hpt_mode: str = "switch"            # switch: alpha=1[P>gate], beta=1[P<=gate]; soft: alpha=P, beta=1-P
     hpt_gate: float = 0.0               # gamma of the paper (0 for Qwen, 0.25 for LLaMA)
     hpt_soft: str = "linear"            # soft mode's (f, g): fastupg.hpt.SOFT_FUNCTIONS (linear: P, 1-P)
+    hpt_offline: str = "sft"            # what replaces RL on failed prompts (paper Table 5): sft, or offpolicy =
+    #                                     LUFFY's off-policy RL branch (ref one, mixed-group advantage, gamma shaping)
     # -- sampling ---------------------------------------------------------------------------------
     num_generations: int = 8
     temperature: float = 1.0
@@ -183,8 +185,12 @@ class TrainConfig:
             raise ValueError("num_iterations > 1 means nothing for loss_type='sft' (no rollouts)")
         if self.hpt_mode != "switch" and self.loss_type != "hpt":
             raise ValueError(f"hpt_mode={self.hpt_mode!r} only applies to loss_type='hpt'")
-        if self.luffy_gamma is not None and self.loss_type not in ("luffy", "srft"):
-            raise ValueError("luffy_gamma only applies to loss_type 'luffy' or 'srft' (ref='one' demonstrations)")
+        _one_of("hpt_offline", self.hpt_offline, ("sft", "offpolicy"))
+        if self.hpt_offline != "sft" and self.loss_type != "hpt":
+            raise ValueError(f"hpt_offline={self.hpt_offline!r} only applies to loss_type='hpt'")
+        if self.luffy_gamma is not None and self.loss_type not in ("luffy", "srft") and self.hpt_offline != "offpolicy":
+            raise ValueError("luffy_gamma only applies to loss_type 'luffy' or 'srft', or to hpt with "
+                             "hpt_offline='offpolicy' (ref='one' demonstrations)")
         self.estimator()  # the Estimator's own checks (clip bounds, aggregation, ...) with key names below
         for i, st in enumerate(self.stages):
             if not isinstance(st, dict):
@@ -266,6 +272,11 @@ class TrainConfig:
             if base.offline is None:
                 raise ValueError(f"offline_coef: loss_type={self.loss_type!r} has no demonstration branch")
             ov["offline"] = dataclasses.replace(base.offline, coef=self.offline_coef)
+        if self.hpt_offline == "offpolicy":  # Table 5: off-policy RL on the demonstrations instead of SFT
+            luffy = Estimator.preset("luffy")
+            coef = ov["offline"].coef if "offline" in ov else base.offline.coef
+            ov["offline"] = dataclasses.replace(luffy.offline, coef=coef)
+            ov.setdefault("gamma", luffy.gamma)
         try:
             return Estimator.preset(self.loss_type, **ov)
         except (TypeError, ValueError) as e:

@@ -63,7 +63,8 @@ def embedded_root(embedded_dir: str, size: str, mix: tuple = (), n_train: int = 
     import dataclasses
     import hashlib
     import json
-    spec = json.dumps([dataclasses.asdict(embedded_task(mix, n_train)), size], sort_keys=True)
+    from fastupg.task.tiny import EMBEDDED_VERSION
+    spec = json.dumps([dataclasses.asdict(embedded_task(mix, n_train)), size, EMBEDDED_VERSION], sort_keys=True)
     return Path(embedded_dir) / f"seed0-{size}-{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
 
 

@@ -3,7 +3,8 @@
     python scripts/reproduce.py                         # 6 methods x 3 seeds, default budget
     python scripts/reproduce.py --quick                 # smoke run: every method runs and logs (CI)
     python scripts/reproduce.py --methods hpt,sft --seeds 0,1,2 --steps 60 --out runs/reproduce
-    python scripts/reproduce.py --ablations gate,mode   # + HPT gate gamma in {0, 1/8, 2/8} and switch vs soft
+    python scripts/reproduce.py --ablations gate,mode,offpolicy   # + HPT gate gamma in {0, 1/8, 2/8}, switch vs
+                                                                  #   soft, SFT vs off-policy RL on failed prompts
 
 Every method runs with the same budget: the same number of optimizer steps (sft-then-grpo splits them
 half/half between its stages), groups of the same size (8 rollouts per prompt; LUFFY/SRFT: 7 rollouts + the
@@ -13,9 +14,6 @@ methods see prompts), the same learning rate and seeds. Each run is trained in-p
 level. Outputs under --out: one folder per run (config.yaml, metrics.jsonl, result.json), results.json,
 results.md (methods as rows, accuracy per level + average, mean +- std over seeds) and curves.png (held-out
 accuracy and HPT's SFT fraction over steps). Runs whose result.json exists are skipped (resumable).
-
-Not here: Table 5's "off-policy RL instead of SFT for failed prompts" ablation needs an estimator choice for
-HPT's failed-prompt branch that TrainConfig does not expose yet (see docs/reproduce.md).
 """
 from __future__ import annotations
 
@@ -42,6 +40,8 @@ ABLATIONS = {
     # gamma = 0 and switch mode are the main `hpt` run itself: reported from it, not run again
     "gate": {"hpt-gate0": None, "hpt-gate1/8": {"hpt_gate": 0.125}, "hpt-gate2/8": {"hpt_gate": 0.25}},
     "mode": {"hpt-switch": None, "hpt-soft": {"hpt_mode": "soft"}},
+    # Table 5: what replaces RL on the prompts the model fails: SFT (the main run) or off-policy RL (LUFFY's branch)
+    "offpolicy": {"hpt-sft": None, "hpt-offpolicy": {"hpt_offline": "offpolicy"}},
 }
 LEVELS = {1: "easy", 2: "medium", 3: "hard"}
 

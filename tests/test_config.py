@@ -53,6 +53,8 @@ def test_overrides_and_types():
     (["loss_type=sft", "online_clip=false"], "online_clip"),
     (["epsilon=-1"], "eps_low"),
     (["hpt_gate=1.0"], "hpt_gate"),
+    (["hpt_offline=rl"], "hpt_offline"),
+    (["loss_type=grpo", "hpt_offline=offpolicy"], "hpt_offline"),
     (["report_to=mlflow"], "report_to"),
     (["agg=token_mean"], "did you mean 'token-mean'"),
     (["max_steps=0"], "max_steps"),
@@ -82,3 +84,12 @@ def test_config_is_frozen_and_derives_batch():
     assert TrainConfig(loss_type="sft", per_device_train_batch_size=8).prompts_per_step == 8
     with pytest.raises(Exception):
         cfg.learning_rate = 1.0
+
+
+def test_hpt_offpolicy_replaces_sft_by_luffy_branch():
+    """Table 5's ablation: failed prompts get LUFFY's off-policy RL (pi_ref = 1, mixed-group advantage, shaping)."""
+    sft = load_config(None, ["loss_type=hpt"]).estimator()
+    off = load_config(None, ["loss_type=hpt", "hpt_offline=offpolicy", "luffy_gamma=0.2"]).estimator()
+    assert sft.offline.ref == "policy" and sft.offline.advantage == "one"
+    assert (off.offline.ref, off.offline.advantage, off.gamma) == ("one", "mixed", 0.2)
+    assert off.online == sft.online  # the RL branch on solved prompts is unchanged

@@ -113,6 +113,11 @@ def build_tiny_model(out_dir: str | os.PathLike | None, tokenizer, size: str = "
 MANIFEST = "embedded.json"
 
 
+# Bump when what ensure_embedded generates changes for the same arguments (2: the easy level changed), so that a
+# folder built by an older version is never reused (the trainer's default folder name includes it).
+EMBEDDED_VERSION = 2
+
+
 def ensure_embedded(out_dir: str | os.PathLike, seed: int = 0, size: str = "tiny", task=None) -> Path:
     """Build (once) train/eval jsonl + tokenizer + model into out_dir and return out_dir.
 
@@ -126,7 +131,7 @@ def ensure_embedded(out_dir: str | os.PathLike, seed: int = 0, size: str = "tiny
     from .arith import ArithConfig, write_splits
 
     task = task if task is not None else ArithConfig(seed=seed)
-    want = {"seed": seed, "size": size, "task": _jsonable(asdict(task)), "version": 1}
+    want = {"seed": seed, "size": size, "task": _jsonable(asdict(task)), "version": EMBEDDED_VERSION}
     out = Path(out_dir)
     manifest = out / MANIFEST
     if manifest.exists():
