@@ -375,6 +375,23 @@ def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, return_entro
 
 
 # -- one pass (chunked impl, token-level estimators): the gradient is computed during the forward ------------------
+def _grad_in_dtype(z, inv_t, db, dtype):
+    """dL/d(logits) of a chunk from dL/du (u = z / T), in place; db += its column sums; returned in `dtype`."""
+    if inv_t != 1.0:
+        z *= inv_t
+    if db is not None:
+        db += z.sum(0)
+    return z.to(dtype)
+
+
+def _accumulate(g, rows, h_c, w, dH, dW):
+    """dH[rows] = g @ W and dW += g^T @ H_chunk (None: not needed)."""
+    if dH is not None:
+        dH.index_copy_(0, rows, (g @ w).to(dH.dtype))
+    if dW is not None:
+        dW += (g.t() @ h_c).to(dW.dtype)
+
+
 def _token_estimator(est: Estimator) -> Estimator:
     """The same per-token loss ell_t with aggregation 'token-sum' and branch coefs 1 (they live in the weights)."""
     rep = lambda b: None if b is None else dataclasses.replace(b, coef=1.0)  # noqa: E731
@@ -484,17 +501,9 @@ def _one_pass_chunked(h, w, b, tgt, est, kw, temperature, need, o: FusedLinearOp
             if r.numel() < j - i:
                 z = z.index_select(0, r)
                 h_c = h_c.index_select(0, r)
-            if inv_t != 1.0:
-                z *= inv_t
-            if need_db:
-                db += z.sum(0)
-            g = z.to(h.dtype)
-            del z
-            if need_dh:
-                dH.index_copy_(0, r + i, (g @ w).to(h.dtype))
-            if need_dw:
-                dW += (g.t() @ h_c).to(dW.dtype)
-            del g
+            g = _grad_in_dtype(z, inv_t, db if need_db else None, h.dtype)
+            del z  # (the fp32 chunk goes before the two GEMMs)
+            _accumulate(g, r + i, h_c, w, dH if need_dh else None, dW if need_dw else None)
             continue
         lse = torch.logsumexp(z, dim=-1)
         z -= lse[:, None]                                    # log p
@@ -521,17 +530,9 @@ def _one_pass_chunked(h, w, b, tgt, est, kw, temperature, need, o: FusedLinearOp
         else:
             z.exp_().mul_(-gl_r[:, None])
         z[torch.arange(r.numel(), device=h.device), tg] += gl_r
-        if inv_t != 1.0:
-            z *= inv_t
-        if need_db:
-            db += z.sum(0)
-        g = z.to(h.dtype)
+        g = _grad_in_dtype(z, inv_t, db if need_db else None, h.dtype)
         del z
-        if need_dh:
-            dH.index_copy_(0, r + i, (g @ w).to(h.dtype))
-        if need_dw:
-            dW += (g.t() @ h_c).to(dW.dtype)
-        del g
+        _accumulate(g, r + i, h_c, w, dH if need_dh else None, dW if need_dw else None)
     return logp, ent, dH, (dW.to(w.dtype) if need_dw else None), db
 
 
