@@ -208,3 +208,30 @@ def test_ensure_embedded_idempotent_and_atomic(tmp_path, monkeypatch):
     (tmp_path / "junk" / "x").write_text("x")
     with pytest.raises(ValueError, match="not empty"):
         tiny.ensure_embedded(tmp_path / "junk", size="micro", task=task)
+
+
+def test_ensure_embedded_concurrent_builds(tmp_path):
+    """Two workers building the same folder at once (reproduce.py --jobs 2 on a fresh machine): both succeed and
+    get the one build that landed. Forced: every builder sees the folder missing at first, then waits until all
+    have built before renaming into place."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from fastupg.task import tiny
+    task = ArithConfig(n_train=40, n_eval=8)
+    out = tmp_path / "emb"
+    barrier = threading.Barrier(3)
+    real = tiny.build_tiny_model
+
+    def slow_build(*a, **k):
+        r = real(*a, **k)
+        barrier.wait(timeout=60)  # all three builds finished: now they race to rename
+        return r
+
+    tiny.build_tiny_model = slow_build
+    try:
+        with ThreadPoolExecutor(3) as ex:
+            got = list(ex.map(lambda _: tiny.ensure_embedded(out, size="micro", task=task), range(3)))
+    finally:
+        tiny.build_tiny_model = real
+    assert got == [out] * 3 and (out / "embedded.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["emb"]  # no temporary build left behind

@@ -153,9 +153,9 @@ def ensure_embedded(out_dir: str | os.PathLike, seed: int = 0, size: str = "tiny
             "spec": want, "model": "model",
             "train": str(paths["train"].relative_to(tmp)), "eval": str(paths["eval"].relative_to(tmp)),
         }, indent=2))
-        if out.exists():
-            out.rmdir()                   # empty (checked above)
         try:
+            if out.exists() and not (out / MANIFEST).exists():
+                out.rmdir()  # an empty folder (checked above); raises if another build landed there meanwhile
             os.rename(tmp, out)
         except OSError:
             # another process finished first: use its build if it is the same one
