@@ -32,6 +32,7 @@ HPT_MODES = ("switch", "soft")
 REWARDS = ("auto", "arith", "math")
 REPORT_TO = ("jsonl", "tensorboard", "wandb")
 ATTN = ("auto", "sdpa", "eager", "flash_attention_2")
+ROLLOUT_ENGINES = ("hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -75,6 +76,10 @@ class TrainConfig:
     top_p: float = 1.0
     top_k: int = -1
     max_completion_length: int = 256
+    rollout_engine: str = "hf"          # hf: transformers generate on the trainer's model; vllm: a vllm.LLM per rank
+    vllm_gpu_memory_utilization: float = 0.5  # colocated with training: leave room for the trainer
+    vllm_tensor_parallel_size: int = 1
+    vllm_enable_sleep_mode: bool = True  # free the KV cache (and offload weights) while training
     # -- optimisation -----------------------------------------------------------------------------
     learning_rate: float = 1e-6
     lr_scheduler_type: str = "constant"
@@ -131,6 +136,11 @@ class TrainConfig:
         _one_of("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
         _one_of("reward", self.reward, REWARDS)
         _one_of("attn_implementation", self.attn_implementation, ATTN)
+        _one_of("rollout_engine", self.rollout_engine, ROLLOUT_ENGINES)
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        if self.vllm_tensor_parallel_size < 1:
+            raise ValueError(f"vllm_tensor_parallel_size must be >= 1, got {self.vllm_tensor_parallel_size}")
         _one_of("torch_dtype", self.torch_dtype, DTYPES)
         _one_of("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         for k in ("agg", "offline_agg"):

@@ -337,6 +337,17 @@ def train(cfg: TrainConfig, info: D.DistInfo | None = None, log=print) -> dict:
     return summary
 
 
+def make_vllm_engine(cfg: TrainConfig, model_path: str, info: D.DistInfo):
+    """One vllm.LLM per rank (external_launcher under torchrun), started from the same checkpoint as the trainer."""
+    from fastupg.rollout.vllm import VLLMConfig, VLLMRolloutEngine
+    vcfg = VLLMConfig(model=model_path, tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                      max_model_len=cfg.max_prompt_length + cfg.max_completion_length,
+                      enable_sleep_mode=cfg.vllm_enable_sleep_mode, colocate=info.distributed,
+                      seed=cfg.seed + info.rank)
+    return VLLMRolloutEngine(vcfg)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, info: D.DistInfo, log=print, embedded_base: bool | None = None):
         self.cfg, self.info = cfg, info
@@ -375,7 +386,8 @@ class Trainer:
             D.shard_model(self.model, info, mixed_precision=dev.type == "cuda" and cfg.torch_dtype == "auto")
         elif info.distributed:
             raise ValueError("fsdp=false with more than one rank is not supported (use fsdp=true)")
-        self.engine = HFRolloutEngine(self.gen_model, self.tokenizer, device=dev)
+        self.engine = (make_vllm_engine(cfg, str(resume or start_from), info) if cfg.rollout_engine == "vllm"
+                       else HFRolloutEngine(self.gen_model, self.tokenizer, device=dev))
         self.ref_model = None
         if cfg.beta > 0:
             self.ref_model = load_model(str(start_from), cfg, dev).eval().requires_grad_(False)
@@ -426,7 +438,9 @@ class Trainer:
         if est.online is not None:
             sampling = SamplingConfig(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
                                       top_k=cfg.top_k, max_new_tokens=cfg.max_completion_length)
+            self.engine.wake_up()   # (vLLM sleep mode: KV cache back; no-op for the HF engine)
             groups = self.engine.generate([e.prompt_ids for e in prompts], sampling)
+            self.engine.sleep()     # free the KV cache for the training step
             lens, trunc = [], []
             for g, (e, rolls) in enumerate(zip(prompts, groups)):
                 scores = self.score([r.text for r in rolls], [e.answer] * len(rolls))
@@ -537,7 +551,14 @@ class Trainer:
             self.opt.step()
         lr = self.sched.get_last_lr()[0]
         self.sched.step()
-        if self.sharded:  # the rollout copy gets the new weights
+        if cfg.rollout_engine == "vllm":
+            # in place, no disk: one parameter gathered at a time (a collective: every rank runs it in step)
+            from fastupg.rollout.vllm import iter_full_state
+            self.engine.wake_up(tags=["weights"])
+            self.engine.sync_weights(iter_full_state(self.model))
+            if self.sharded:
+                self.gen_model.load_state_dict(D.full_state_dict(self.model, info, cpu=False))  # the eval copy
+        elif self.sharded:  # the rollout copy gets the new weights
             self.engine.sync_weights(D.full_state_dict(self.model, info, cpu=False).items())
         dt = time.perf_counter() - t0
 

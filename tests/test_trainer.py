@@ -124,3 +124,42 @@ def test_lr_schedule():
     f = T.lr_lambda(cfg)
     assert f(0) == 0.5 and f(1) == 1.0 and f(2) == 1.0
     assert abs(f(10) - 0.1) < 1e-9 and 0.1 < f(6) < 1.0
+
+
+def test_vllm_engine_wiring_with_a_fake_engine(tmp_path, monkeypatch):
+    """rollout_engine=vllm without vLLM: a stand-in engine that owns a SEPARATE copy of the weights (as a vLLM
+    engine does) shows the trainer's contract: wake before generating, sleep after, and after every optimizer
+    step an in-place sync of every parameter, after which the engine's weights equal the trainer's."""
+    from transformers import AutoModelForCausalLM
+    from fastupg.rollout.hf import HFRolloutEngine
+    calls = []
+
+    class FakeVLLM(HFRolloutEngine):
+        def __init__(self, cfg, path, info):
+            self.copy = AutoModelForCausalLM.from_pretrained(path)
+            super().__init__(self.copy, None, device="cpu")
+            calls.append(("init", path, cfg.vllm_gpu_memory_utilization))
+
+        def wake_up(self, tags=None):
+            calls.append(("wake", tags))
+
+        def sleep(self):
+            calls.append(("sleep",))
+
+        def sync_weights(self, named_tensors):
+            named = dict(named_tensors)
+            calls.append(("sync", len(named)))
+            self.copy.load_state_dict(named)
+
+    monkeypatch.setattr(T, "make_vllm_engine", FakeVLLM)
+    cfg = make_cfg(tmp_path, loss_type="grpo", rollout_engine="vllm", vllm_gpu_memory_utilization=0.3)
+    tr = T.Trainer(cfg, D.DistInfo())
+    tr.score = lambda texts, golds: [float(i % 2) for i in range(len(texts))]
+    tr.fit()
+    assert calls[0][0] == "init" and calls[0][2] == 0.3
+    kinds = [c[0] for c in calls[1:]]
+    assert kinds == ["wake", "sleep", "wake", "sync"] * cfg.max_steps
+    assert all(c[1] == len(tr.model.state_dict()) for c in calls if c[0] == "sync")
+    for (k, a), b in zip(tr.model.state_dict().items(), tr.engine.copy.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert tr.engine.copy is not tr.model
