@@ -50,6 +50,25 @@ def _mm(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _logits_tile(H, W, B, rows64, cols64, nmask, vmask, D, stride_hn, stride_hd, stride_wv, stride_wd,
+                 HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(BLOCK_N, BLOCK_V) fp32 tile of H[rows] @ W[cols]^T (+ b[cols]): recomputed by the forward and backward."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        h = tl.load(H + rows64[:, None] * stride_hn + offs_d[None, :] * stride_hd,
+                    mask=nmask[:, None] & dmask[None, :], other=0.0)
+        w = tl.load(W + cols64[None, :] * stride_wv + offs_d[:, None] * stride_wd,
+                    mask=vmask[None, :] & dmask[:, None], other=0.0)
+        acc = _mm(h, w, acc, IEEE, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(B + cols64, mask=vmask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _fwd_kernel(H, W, B, TGT, LOGP, LSE, ENT,
                 N, V, D,
                 stride_hn, stride_hd, stride_wv, stride_wd,
@@ -70,17 +89,8 @@ def _fwd_kernel(H, W, B, TGT, LOGP, LSE, ENT,
         offs_v = v0 + tl.arange(0, BLOCK_V)
         vmask = offs_v < V
         cols64 = offs_v.to(tl.int64)
-        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            dmask = offs_d < D
-            h = tl.load(H + rows64[:, None] * stride_hn + offs_d[None, :] * stride_hd,
-                        mask=nmask[:, None] & dmask[None, :], other=0.0)
-            w = tl.load(W + cols64[None, :] * stride_wv + offs_d[:, None] * stride_wd,
-                        mask=vmask[None, :] & dmask[:, None], other=0.0)
-            acc = _mm(h, w, acc, IEEE, UPCAST)
-        if HAS_BIAS:
-            acc += tl.load(B + cols64, mask=vmask, other=0.0).to(tl.float32)[None, :]
+        acc = _logits_tile(H, W, B, rows64, cols64, nmask, vmask, D, stride_hn, stride_hd, stride_wv, stride_wd,
+                           HAS_BIAS, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
         z = acc * inv_t
         z = tl.where(vmask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 1))
@@ -127,17 +137,8 @@ def _bwd_kernel(H, W, B, ROWS, TGT, LSE, ENT, GL, GH, DH, DW, DB,
     vmask = offs_v < V
     cols64 = offs_v.to(tl.int64)
 
-    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        dmask = offs_d < D
-        h = tl.load(H + rows64[:, None] * stride_hn + offs_d[None, :] * stride_hd,
-                    mask=nmask[:, None] & dmask[None, :], other=0.0)
-        w = tl.load(W + cols64[None, :] * stride_wv + offs_d[:, None] * stride_wd,
-                    mask=vmask[None, :] & dmask[:, None], other=0.0)
-        acc = _mm(h, w, acc, IEEE, UPCAST)
-    if HAS_BIAS:
-        acc += tl.load(B + cols64, mask=vmask, other=0.0).to(tl.float32)[None, :]
+    acc = _logits_tile(H, W, B, rows64, cols64, nmask, vmask, D, stride_hn, stride_hd, stride_wv, stride_wd,
+                       HAS_BIAS, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
     logp = acc * inv_t - lse[:, None]
     valid = nmask[:, None] & vmask[None, :]
     p = tl.where(valid, tl.exp(logp), 0.0)
