@@ -6,7 +6,7 @@ import pytest
 
 from fastupg.data.datasets import (
     EVAL_COLUMNS, LUFFY_COLUMNS, ColumnConfig, DataConfig, dataset_name, detect_columns,
-    load_examples, load_records,
+    load_examples, load_examples_report, load_records,
 )
 from fastupg.data.prompts import LUFFY_SYSTEM_PROMPT, PromptConfig, build_messages, render_prompt
 
@@ -113,7 +113,9 @@ def test_eval_json_layouts(tmp_path):
     assert all(e.demo_ids is None for e in ex)
     with pytest.raises(ValueError):
         load_examples(tmp_path / "bench.json", tok, DataConfig(require_demo=True, limit=0))
-    assert load_examples(tmp_path / "bench.json", tok, DataConfig(require_demo=True)) == []
+    # demonstrations required but no column holds them: an error naming the keys seen and the key to set
+    with pytest.raises(ValueError, match=r"no demonstration column \(keys: \['prompt', 'answer'\]\).*response_key"):
+        load_examples(tmp_path / "bench.json", tok, DataConfig(require_demo=True))
     assert dataset_name(tmp_path / "bench.json") == "bench"
     assert dataset_name("HuggingFaceH4/MATH-500") == "MATH-500"
 
@@ -135,10 +137,11 @@ def test_custom_columns_and_errors(tmp_path):
     cols = ColumnConfig(prompt="q.text", answer="gold", target="sol", source=None)
     e = load_examples(rows, tok, DataConfig(columns=cols))[0]
     assert (e.question, e.demo_text, e.answer) == ("hello", "demo", "5")
-    with pytest.raises(ValueError, match="cannot tell the columns"):
+    with pytest.raises(ValueError, match=r"cannot find the prompt column among the keys \[.foo.\]: set prompt_key"):
         detect_columns({"foo": 1})
-    with pytest.raises(ValueError, match="no gold answer"):
-        load_examples([{"prompt": "x", "answer": None}], tok)
+    # a row without a gold answer is dropped and counted, not fatal
+    ex, rep = load_examples_report([{"prompt": "x", "answer": None}, {"prompt": "y", "answer": 3}], tok)
+    assert [e.question for e in ex] == ["y"] and rep.dropped["no answer"] == 1 and "row 0" in rep.example["no answer"]
     with pytest.raises(FileNotFoundError):
         load_records(tmp_path / "missing.parquet")
     (tmp_path / "x.csv").write_text("a\n")
