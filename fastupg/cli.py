@@ -4,6 +4,7 @@
     torchrun --nproc-per-node 8 -m fastupg train --config configs/hpt-paper.yaml model=Qwen/Qwen2.5-Math-1.5B ...
     python -m fastupg eval --model runs/demo/checkpoint-60 --data MATH-500.json --out results/
     python -m fastupg bench [logits|fused_linear] [extra args for the benchmark script]
+    python -m fastupg data --config my-data.yaml train_file=train.parquet   # what training would keep, and why not
 
 `train` parses and validates the whole configuration (unknown keys, wrong types, impossible
 combinations) before anything is loaded or launched; `--print-config` shows the result and exits.
@@ -29,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml)")
     t.add_argument("--print-config", action="store_true", help="print the validated configuration and exit")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (fastupg/config.py names)")
+    d = sub.add_parser("data", help="dry run of the data: load, render and tokenize as `train` would, print "
+                       "the columns found, the usable rows and the rows dropped per reason (exit 2: none usable)")
+    d.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml)")
+    d.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (fastupg/config.py names)")
     e = sub.add_parser("eval", help="held-out benchmark evaluation (fastupg.evaluate)", add_help=False)
     e.add_argument("rest", nargs=argparse.REMAINDER)
     b = sub.add_parser("bench", help="run a kernel benchmark script from benchmarks/")
@@ -70,16 +75,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(cfg.to_dict(), indent=2))
             return 0
         from fastupg import distributed as D
+        from fastupg.data.datasets import DataError
         from fastupg.trainer import train
         info = D.init()
         try:
             train(cfg, info)
+        except DataError as e:  # raised before the model is loaded
+            print(f"fastupg train: {_one_line(e)}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt:
             print("[fastupg] interrupted", file=sys.stderr)
             return 130
         finally:
             D.shutdown()
         return 0
+    if args.command == "data":
+        from fastupg.config import load_config
+        try:
+            return data_dry_run(load_config(args.config, args.overrides))
+        except (ValueError, TypeError, OSError, RuntimeError) as e:
+            print(f"fastupg data: {_one_line(e)}", file=sys.stderr)
+            return 2
     if args.command == "eval":
         from fastupg.evaluate import add_eval_args, run_eval  # lazy: pulls in datasets / math-verify
         ep = add_eval_args(argparse.ArgumentParser(prog="fastupg eval"))
@@ -93,3 +109,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         return subprocess.call([sys.executable, str(script), *args.rest], env=env)
     return 2
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split("\n"))
+
+
+def data_dry_run(cfg, log=print) -> int:
+    """`fastupg data`: each stage's train (and eval) data through the very function training uses
+    (fastupg.trainer.load_data), with the same tokenizer, printing what is kept and dropped. Returns 0;
+    raises DataError (exit 2) when a column is missing or no row is usable."""
+    from transformers import AutoTokenizer
+    from fastupg import distributed as D
+    from fastupg.trainer import load_data, resolve_paths
+    info, seen = D.DistInfo(), set()
+    stages = cfg.stage_configs()
+    for i, sc in enumerate(stages):
+        est = sc.estimator()
+        need_demo, need_answer = est.offline is not None, est.online is not None
+        paths = resolve_paths(sc, info)  # builds the embedded task and model once, as `train` does
+        key = (paths, need_demo, need_answer, sc.max_prompt_length, sc.max_completion_length, sc.system_prompt,
+               tuple(sorted(sc.column_keys().items())), sc.eval_steps > 0)
+        if key in seen:
+            continue
+        seen.add(key)
+        if len(stages) > 1:
+            log(f"[fastupg] stage {i + 1}/{len(stages)}: loss_type={sc.loss_type}")
+        tokenizer = AutoTokenizer.from_pretrained(paths.model)
+        embedded = cfg.model == "embedded"
+        load_data(paths.train_file, tokenizer, sc, embedded, need_demo, need_answer, log)
+        if paths.eval_file and sc.eval_steps:
+            load_data(paths.eval_file, tokenizer, sc, embedded, False, log=log)
+    return 0

@@ -49,6 +49,16 @@ class TrainConfig:
     reward: str = "auto"                # auto: arith for the embedded task, math otherwise
     system_prompt: str | None = "auto"  # auto: none for the embedded task, the paper's (LUFFY) prompt otherwise
     max_prompt_length: int = 512
+    # -- data columns: "auto" detects from the first row, null = no such column; dotted paths reach nested fields.
+    #    verl's names: data.prompt_key, data.response_key (its SFT demonstration), data.multiturn.messages_key;
+    #    `fastupg data --config X.yaml` shows what was detected and what gets dropped (README "Train on your data")
+    prompt_key: str = "auto"            # question text or chat messages (prompt/problem/question/...)
+    answer_key: str | None = "auto"     # gold answer (reward_model.ground_truth/answer/...); null: the
+    #                                     last \boxed{} of the demonstration (MATH, NuminaMath-CoT)
+    response_key: str | None = "auto"   # demonstration for sft/hpt/luffy/srft (target/.../solution/generations)
+    messages_key: str | None = "auto"   # a whole chat (TRL/verl `messages`): prompt = its last user turn,
+    #                                     demonstration = its final assistant turn
+    source_key: str | None = "auto"     # per-row source name (data_source/source)
     # -- estimator (TRL names where they exist) ---------------------------------------------------
     loss_type: str = "hpt"              # estimator preset: sft grpo dr_grpo dapo cispo gspo reinforce srft luffy hpt
     epsilon: float | None = None        # clip eps_low (None: the preset's)
@@ -201,6 +211,7 @@ class TrainConfig:
         if self.luffy_gamma is not None and self.loss_type not in ("luffy", "srft") and self.hpt_offline != "offpolicy":
             raise ValueError("luffy_gamma only applies to loss_type 'luffy' or 'srft', or to hpt with "
                              "hpt_offline='offpolicy' (ref='one' demonstrations)")
+        self._check_columns()
         self.estimator()  # the Estimator's own checks (clip bounds, aggregation, ...) with key names below
         for i, st in enumerate(self.stages):
             if not isinstance(st, dict):
@@ -210,6 +221,32 @@ class TrainConfig:
             _check_keys(st, where=f"stages[{i}]")
         if self.stages:
             self.stage_configs()  # validate every stage now, before any work
+
+    def _check_columns(self) -> None:
+        """The data-column keys make sense together (the columns themselves are checked against the file by
+        fastupg.data.datasets before the model is loaded)."""
+        keys = ("prompt_key", "answer_key", "response_key", "messages_key", "source_key")
+        for k in keys:
+            v = getattr(self, k)
+            if v is not None and (not v.strip() or v != v.strip() or any(not p for p in v.split("."))):
+                raise ValueError(f"{k}={v!r} must be a column name (dotted for nested fields, e.g. "
+                                 "reward_model.ground_truth), 'auto' or null")
+        if self.messages_key not in ("auto", None) and self.prompt_key != "auto":
+            raise ValueError(f"messages_key={self.messages_key!r} gives the prompt; prompt_key={self.prompt_key!r} "
+                             "cannot be set with it (leave it 'auto')")
+        needs_demo = self.estimator().offline is not None
+        if needs_demo and self.response_key is None and self.messages_key in ("auto", None):
+            raise ValueError(f"loss_type={self.loss_type!r} trains on demonstrations: response_key cannot be null "
+                             "(name the demonstration column, or leave it 'auto')")
+        if self.answer_key is None and self.response_key is None and self.loss_type != "sft":
+            raise ValueError("answer_key=null takes the gold answer from the demonstration's last \\boxed{}, "
+                             "but response_key is null too: name one of them")
+
+    def column_keys(self) -> dict:
+        """The column keys as fastupg.data.datasets.detect_columns arguments (the ones not 'auto')."""
+        names = {"prompt_key": "prompt", "answer_key": "answer", "response_key": "target",
+                 "messages_key": "messages", "source_key": "source"}
+        return {f: getattr(self, k) for k, f in names.items() if getattr(self, k) != "auto"}
 
     # -- derived ------------------------------------------------------------------------------------
     @property

@@ -78,27 +78,22 @@ def resolve_paths(cfg: TrainConfig, info: D.DistInfo) -> RunPaths:
         D.barrier(info)
         return RunPaths(model=str(root / "model"), train_file=cfg.train_file or str(root / "data" / "train.jsonl"),
                         eval_file=cfg.eval_file or str(root / "data" / "eval.jsonl"),
-                        reward="arith" if cfg.reward == "auto" else cfg.reward)
+                        reward="arith" if cfg.reward == "auto" and cfg.train_file is None else cfg.reward)
     if cfg.train_file is None:
         raise ValueError("train_file is required when model is not 'embedded'")
     return RunPaths(model=cfg.model, train_file=cfg.train_file, eval_file=cfg.eval_file,
                     reward="math" if cfg.reward == "auto" else cfg.reward)
 
 
-def load_data(path: str, tokenizer, cfg: TrainConfig, embedded: bool, need_demo: bool):
-    from fastupg.data.datasets import ColumnConfig, DataConfig, load_examples
-    from fastupg.data.prompts import PromptConfig
-    if cfg.system_prompt == "auto":
-        prompt = PromptConfig(system_prompt=None) if embedded else PromptConfig()
-    else:
-        prompt = PromptConfig(system_prompt=cfg.system_prompt)
-    cols = ColumnConfig(prompt="prompt", answer="answer", target="solution", source=None) if embedded else None
-    dcfg = DataConfig(columns=cols, prompt=prompt, max_prompt_tokens=cfg.max_prompt_length,
-                      max_demo_tokens=cfg.max_completion_length if need_demo else None, require_demo=need_demo)
-    ex = load_examples(path, tokenizer, dcfg)
+def load_data(path: str, tokenizer, cfg: TrainConfig, embedded: bool, need_demo: bool, need_answer: bool = True,
+              log=None):
+    """Tokenized examples, rows dropped as `fastupg data` shows (fastupg.data.datasets.train_data_config)."""
+    from fastupg.data.datasets import DataError, load_examples_report, train_data_config
+    ex, report = load_examples_report(path, tokenizer, train_data_config(cfg, embedded, need_demo, need_answer))
+    if log is not None:
+        log("[fastupg] " + report.format())
     if not ex:
-        raise ValueError(f"no usable examples in {path} (prompts <= max_prompt_length"
-                         f"{', with a demonstration <= max_completion_length' if need_demo else ''})")
+        raise DataError(f"no usable examples in {path}: {report.summary()} (see the counts above)")
     return ex
 
 
@@ -368,6 +363,11 @@ class Trainer:
         from transformers import AutoTokenizer
         dev = info.device
         self.tokenizer = AutoTokenizer.from_pretrained(str(resume or start_from))
+        # data before the model: a data problem stops the run before any heavy work
+        need_demo, need_answer = self.est.offline is not None, self.est.online is not None
+        self.train_ex = load_data(self.paths.train_file, self.tokenizer, cfg, embedded, need_demo, need_answer, self.log)
+        self.eval_ex = (load_data(self.paths.eval_file, self.tokenizer, cfg, embedded, False, log=self.log)
+                        [:cfg.eval_samples] if self.paths.eval_file and cfg.eval_steps else [])
         self.model = load_model(str(resume or start_from), cfg, dev)
         self.liger = apply_liger(self.model, cfg, dev, self.log)
         self.sharded = info.distributed and cfg.fsdp
@@ -399,10 +399,6 @@ class Trainer:
                                      eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
 
-        need_demo = self.est.offline is not None
-        self.train_ex = load_data(self.paths.train_file, self.tokenizer, cfg, embedded, need_demo)
-        self.eval_ex = (load_data(self.paths.eval_file, self.tokenizer, cfg, embedded, False)[:cfg.eval_samples]
-                        if self.paths.eval_file and cfg.eval_steps else [])
         self.score = reward_fn(self.paths.reward)
 
         self.step, self.data_pos, history = 0, 0, []

@@ -41,6 +41,7 @@ from .prompts import PromptConfig, render_prompt
 __all__ = [
     "ColumnConfig", "LUFFY_COLUMNS", "EVAL_COLUMNS", "DROP_REASONS", "DataConfig", "DataError", "DataReport",
     "Example", "load_records", "detect_columns", "load_examples", "load_examples_report", "dataset_name",
+    "train_data_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -79,9 +80,14 @@ class DataError(ValueError):
     """The data cannot train as configured (missing columns, nothing usable): one line for the user."""
 
 
+class DataFileNotFoundError(FileNotFoundError, DataError):
+    """No such data file or folder (both a FileNotFoundError and a DataError)."""
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    columns: ColumnConfig | None = None          # None: detect from the first row
+    columns: ColumnConfig | dict | None = None   # None: detect from the first row; a dict: detect_columns(row,
+    #                                              **columns), i.e. those fields given, the others detected
     split: str = "train"                         # for Hugging Face names and dataset folders
     prompt: PromptConfig = field(default_factory=PromptConfig)
     max_prompt_tokens: int | None = None         # longer prompts are dropped (None: keep all)
@@ -184,7 +190,7 @@ def load_records(source: str | os.PathLike, split: str = "train") -> list[dict]:
         return rows
     s = str(source)
     if s.endswith(_LOCAL_SUFFIXES) or s.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"load_records: no such file or folder: {s}")
+        raise DataFileNotFoundError(f"no such data file or folder: {s}")
     return _load_hub(s, split)
 
 
@@ -368,8 +374,9 @@ def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [list(x) for x in out]
 
 
-def _clip(text: str | None, n: int = 100) -> str:
-    text = " ".join((text or "").split())
+def _clip(text: str | None, n: int = 100, squash: bool = True) -> str:
+    """A short quoted excerpt; `squash` folds whitespace runs (else newlines show as \\n)."""
+    text = " ".join((text or "").split()) if squash else (text or "")
     return json.dumps(text if len(text) <= n else text[: n - 3] + "...", ensure_ascii=False)
 
 
@@ -411,7 +418,7 @@ class DataReport:
                 line += f"; e.g. {self.example[r]}"
             lines.append(line)
         if self.first_prompt is not None:
-            lines.append(f"  first usable prompt, as the model sees it: {_clip(self.first_prompt, 200)}")
+            lines.append(f"  first usable prompt, as the model sees it: {_clip(self.first_prompt, 300, squash=False)}")
         return "\n".join(lines)
 
 
@@ -443,7 +450,7 @@ def load_examples_report(source: str | os.PathLike | Sequence[dict], tokenizer,
                         max_demo_tokens=cfg.max_demo_tokens)
     if not rows:
         return [], report
-    cols = cfg.columns or detect_columns(rows[0])
+    cols = cfg.columns if isinstance(cfg.columns, ColumnConfig) else detect_columns(rows[0], **(cfg.columns or {}))
     report.columns = cols
     if cfg.require_demo and cols.target is None and cols.messages is None:
         raise DataError(
@@ -508,3 +515,15 @@ def load_examples_report(source: str | os.PathLike | Sequence[dict], tokenizer,
     report.kept = len(out)
     report.first_prompt = out[0].prompt_text if out else None
     return out, report
+
+
+def train_data_config(cfg, embedded: bool, need_demo: bool, need_answer: bool = True) -> DataConfig:
+    """The DataConfig that training uses for a fastupg.config.TrainConfig: one place for `fastupg train`
+    and `fastupg data`, so the dry run keeps and drops exactly the rows training would."""
+    if cfg.system_prompt == "auto":  # none for the embedded model (it was never taught one), else the paper's
+        prompt = PromptConfig(system_prompt=None) if embedded else PromptConfig()
+    else:
+        prompt = PromptConfig(system_prompt=cfg.system_prompt)
+    return DataConfig(columns=cfg.column_keys(), prompt=prompt, max_prompt_tokens=cfg.max_prompt_length,
+                      max_demo_tokens=cfg.max_completion_length if need_demo else None, require_demo=need_demo,
+                      require_answer=need_answer)
