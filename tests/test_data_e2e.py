@@ -50,3 +50,46 @@ def test_schema_through_data_and_train(tmp_path, capsys, name):
     out = capsys.readouterr().out
     assert f"usable: {usable}\n" in out, out         # training prints the same report first
     assert (tmp_path / "run" / "checkpoint-2").is_dir() or any((tmp_path / "run").glob("*checkpoint*")), out
+
+
+# -- errors: one line on stderr, exit 2, before the model is loaded --------------------------------------------
+
+def test_missing_demonstration_column_names_the_keys_and_the_key_to_set(tmp_path, capsys, monkeypatch):
+    import fastupg.trainer as T
+    monkeypatch.setattr(T, "load_model", lambda *a, **k: pytest.fail("the model was loaded despite bad data"))
+    f = tmp_path / "qa.jsonl"
+    f.write_text('{"question": "What is 1+1?", "reward_model": {"ground_truth": "2"}}\n')
+    for cmd in ("data", "train"):
+        assert cli.main([cmd, *_args(tmp_path, f)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "no demonstration column" in err, err
+        assert "['question', 'reward_model', 'reward_model.ground_truth']" in err and "set response_key" in err
+    # GRPO needs no demonstration: the same file is usable
+    assert cli.main(["data", *_args(tmp_path, f), "loss_type=grpo"]) == 0
+    assert "usable: 1\n" in capsys.readouterr().out
+
+
+def test_nothing_usable_exits_2_after_the_counts(tmp_path, capsys):
+    assert cli.main(["data", *_args(tmp_path, "deepscaler.json"), "max_prompt_length=8"]) == 2
+    cap = capsys.readouterr()
+    assert "usable: 0\n" in cap.out and "dropped, prompt too long (> 8 tokens): 3; e.g. row 0" in cap.out
+    assert cap.err.count("\n") == 1 and "no usable examples" in cap.err
+
+
+def test_explicit_keys_and_bad_keys(tmp_path, capsys):
+    # dotted path into a nested field, OpenR1's verified R1 generation as the demonstration
+    args = _args(tmp_path, "openr1.jsonl")
+    assert cli.main(["data", *args, "response_key=generations", "answer_key=answer", "source_key=null"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt='problem', demonstration='generations', answer='answer', source=None" in out
+    assert cli.main(["data", *_args(tmp_path, "luffy.parquet"), "answer_key=reward_model.style"]) == 0
+    assert "answer='reward_model.style'" in capsys.readouterr().out
+    # checked by the configuration before anything is read
+    for bad, words in [("response_key=null", "response_key cannot be null"),
+                       ("prompt_key=a..b", "prompt_key='a..b' must be a column name"),
+                       ("promt_key=x", "did you mean 'prompt_key'")]:
+        assert cli.main(["data", *args, bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err
+    assert cli.main(["data", *args, "train_file=nope.jsonl"]) == 2
+    assert "no such data file or folder: nope.jsonl" in capsys.readouterr().err

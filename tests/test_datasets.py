@@ -170,3 +170,75 @@ def test_plain_template_without_chat_template(tmp_path):
     assert text.endswith("S\n\n2+2?\n")
     msgs = build_messages("2+2?", PromptConfig(system_prompt=None, question_suffix=" Box it."))
     assert msgs == [{"role": "user", "content": "2+2? Box it."}]
+
+
+# -- bring your own data: schemas, explicit keys, drop reasons ------------------------------------------------
+
+def test_detects_the_common_math_schemas():
+    math_row = {"problem": "p", "level": "Level 1", "type": "Algebra", "solution": "s \\boxed{1}"}
+    numina = {"source": "olympiads", "problem": "p", "solution": "s", "messages": [{"role": "user", "content": "p"}]}
+    openr1 = {"problem": "p", "solution": "s", "answer": "1", "generations": ["g"], "source": "amc"}
+    deepscaler = {"problem": "p", "answer": "1", "solution": "s"}
+    pairs = {"prompt": "p", "completion": "c"}
+    chat = {"messages": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}]}
+    assert detect_columns(math_row) == ColumnConfig(prompt="problem", answer=None, target="solution", source=None)
+    assert detect_columns(numina) == ColumnConfig(prompt="problem", answer=None, target="solution", source="source")
+    assert detect_columns(openr1) == ColumnConfig(prompt="problem", answer="answer", target="solution", source="source")
+    assert detect_columns(deepscaler) == ColumnConfig(prompt="problem", answer="answer", target="solution", source=None)
+    assert detect_columns(pairs) == ColumnConfig(prompt="prompt", answer=None, target="completion", source=None)
+    assert detect_columns(chat).messages == "messages" and detect_columns(chat).target == "messages"
+    # given fields win; None means "there is none"
+    assert detect_columns(openr1, target="generations", source=None) == ColumnConfig(
+        prompt="problem", answer="answer", target="generations", source=None)
+    with pytest.raises(ValueError, match=r"keys \['foo', 'bar', 'bar.baz'\]: set prompt_key"):
+        detect_columns({"foo": 1, "bar": {"baz": 2}})
+
+
+def test_answer_from_boxed_generations_and_messages(tmp_path):
+    tok = _tokenizer(tmp_path)
+    rows = [  # MATH: no answer column, the gold is the solution's last \boxed{} (nested braces kept)
+        {"problem": "half?", "solution": "a \\boxed{2} then $\\boxed{\\frac{1}{2}}$"},
+        {"problem": "no box", "solution": "just text"},
+    ]
+    ex, rep = load_examples_report(rows, tok)
+    assert [(e.question, e.answer) for e in ex] == [("half?", "\\frac{1}{2}")]
+    assert rep.dropped["no answer"] == 1 and "row 1 (no \\boxed{} in the demonstration)" in rep.example["no answer"]
+    # OpenR1: the first generation math-verify marked correct, else the first
+    r = {"problem": "q", "answer": "7", "generations": ["wrong", "right"], "correctness_math_verify": [False, True]}
+    cols = {"target": "generations"}
+    assert load_examples([r], tok, DataConfig(columns=cols))[0].demo_text == "right"
+    assert load_examples([dict(r, correctness_math_verify=[False, False])], tok,
+                         DataConfig(columns=cols))[0].demo_text == "wrong"
+    # a whole chat: prompt = last user turn (+ its system turn when asked), demonstration = final assistant turn
+    chat = {"messages": [{"role": "system", "content": "SYS"}, {"role": "user", "content": "2+2?"},
+                         {"role": "assistant", "content": "4 \\boxed{4}"}]}
+    e = load_examples([chat], tok, DataConfig(prompt=PromptConfig(system_prompt=None, use_data_system_prompt=True)))[0]
+    assert (e.question, e.demo_text, e.answer) == ("2+2?", "4 \\boxed{4}", "4") and "SYS" in e.prompt_text
+    unanswered = {"messages": chat["messages"][:2]}   # ends on the user turn: no demonstration
+    ex, rep = load_examples_report([chat, unanswered], tok, DataConfig(require_demo=True, require_answer=False))
+    assert len(ex) == 1 and rep.dropped["no demonstration"] == 1
+
+
+def test_each_row_dropped_once_under_the_first_reason(tmp_path):
+    tok = _tokenizer(tmp_path)
+    P = PromptConfig(system_prompt=None)
+    rows = [
+        {"prompt": "ok", "target": "d", "answer": "1"},
+        {"prompt": "x" * 80, "target": "d" * 80, "answer": None},   # long prompt (also long demo, no answer)
+        {"prompt": "ok", "target": "d" * 80, "answer": None},       # long demonstration (also no answer)
+        {"prompt": "ok", "target": "d", "answer": ""},              # no answer
+        {"prompt": "ok", "target": None, "answer": "2"},            # no demonstration
+        {"prompt": "ok", "target": [], "answer": "3"},              # no demonstration
+    ]
+    cfg = DataConfig(prompt=P, max_prompt_tokens=40, max_demo_tokens=40, require_demo=True)
+    ex, rep = load_examples_report(rows, tok, cfg)
+    assert [e.index for e in ex] == [0]
+    assert rep.dropped == {"prompt too long": 1, "demonstration too long": 1, "no answer": 1, "no demonstration": 2}
+    assert rep.example["prompt too long"].startswith("row 1, ") and rep.example["no demonstration"].startswith("row 4")
+    text = rep.format()
+    assert "usable: 1" in text and "dropped, prompt too long (> 40 tokens): 1; e.g. row 1" in text
+    assert rep.summary() == ("1 of 6 rows usable (dropped: prompt too long: 1, demonstration too long: 1, "
+                             "no answer: 1, no demonstration: 2)")
+    # without require_demo / require_answer those rows stay (answer "" where there is none)
+    ex, rep = load_examples_report(rows[2:], tok, DataConfig(prompt=P, require_answer=False))
+    assert len(ex) == 4 and not any(rep.dropped.values())
