@@ -44,7 +44,7 @@ class TrainConfig:
     embedded_dir: str = ".fastupg/embedded"  # where the embedded task/model is built (once)
     embedded_mix: tuple = ()            # embedded task difficulty mix, e.g. [[1, 0.6], [2, 0.3], [3, 0.1]]; () = default
     embedded_n_train: int = 0           # embedded training problems; 0 = fastupg.task.ArithConfig's default
-    train_file: str | None = None       # jsonl/json/parquet with prompt/solution/answer; None: embedded task
+    train_file: str | None = None       # jsonl/json/parquet/folder/hub name (columns: below); None: embedded task
     eval_file: str | None = None
     reward: str = "auto"                # auto: arith for the embedded task, math otherwise
     system_prompt: str | None = "auto"  # auto: none for the embedded task, the paper's (LUFFY) prompt otherwise

@@ -375,9 +375,10 @@ def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
 
 
 def _clip(text: str | None, n: int = 100, squash: bool = True) -> str:
-    """A short quoted excerpt; `squash` folds whitespace runs (else newlines show as \\n)."""
-    text = " ".join((text or "").split()) if squash else (text or "")
-    return json.dumps(text if len(text) <= n else text[: n - 3] + "...", ensure_ascii=False)
+    """A short quoted excerpt, LaTeX backslashes as they are; `squash` folds whitespace runs (else a
+    newline shows as \\n)."""
+    text = " ".join((text or "").split()) if squash else (text or "").replace("\n", "\\n")
+    return '"' + (text if len(text) <= n else text[: n - 3] + "...") + '"'
 
 
 @dataclass
