@@ -186,6 +186,8 @@ def test_detects_the_common_math_schemas():
     assert detect_columns(openr1) == ColumnConfig(prompt="problem", answer="answer", target="solution", source="source")
     assert detect_columns(deepscaler) == ColumnConfig(prompt="problem", answer="answer", target="solution", source=None)
     assert detect_columns(pairs) == ColumnConfig(prompt="prompt", answer=None, target="completion", source=None)
+    embedded = {"prompt": "What is 3+5-2?", "solution": "3+5=8\n8-2=6\n\\boxed{6}", "answer": "6", "difficulty": 1}
+    assert detect_columns(embedded) == ColumnConfig(prompt="prompt", answer="answer", target="solution", source=None)
     assert detect_columns(chat).messages == "messages" and detect_columns(chat).target == "messages"
     # given fields win; None means "there is none"
     assert detect_columns(openr1, target="generations", source=None) == ColumnConfig(
