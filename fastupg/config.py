@@ -235,7 +235,7 @@ class TrainConfig:
             raise ValueError(f"messages_key={self.messages_key!r} gives the prompt; prompt_key={self.prompt_key!r} "
                              "cannot be set with it (leave it 'auto')")
         needs_demo = self.estimator().offline is not None
-        if needs_demo and self.response_key is None and self.messages_key in ("auto", None):
+        if needs_demo and self.response_key is None:
             raise ValueError(f"loss_type={self.loss_type!r} trains on demonstrations: response_key cannot be null "
                              "(name the demonstration column, or leave it 'auto')")
         if self.answer_key is None and self.response_key is None and self.loss_type != "sft":
