@@ -148,6 +148,34 @@ CASES: list[tuple[str, str, float]] = [
     ("5", B("5 \\text{ meters}"), 1.0),
     ("3", B("3 \\text{ hours}"), 1.0),
     ("5", B("5\\,\\mathrm{m}^2"), 1.0),
+    # --- thousands separators: only the standard form (1-3 digits not starting with 0, then groups
+    # of three, no space after the comma); otherwise the comma separates answers (issue 17)
+    ("32349", B("32,349"), 1.0),
+    ("32349", B("32, 349"), 0.0),             # two answers, not 32349
+    ("32, 349", B("32349"), 0.0),
+    ("32, 349", B("349, 32"), 1.0),
+    ("5, 125", B("5125"), 0.0),               # a two-answer gold is not one number
+    ("5, 125", B("5, 125"), 1.0),
+    ("5, 125", B("125,5"), 1.0),
+    ("111", B("0,111"), 0.0),                 # no leading `0,` group
+    ("1111", B("1,111"), 1.0),
+    ("1234", B("1, 234"), 0.0),
+    ("10000", B("10,000"), 1.0),
+    ("10000", B("1,0000"), 0.0),
+    ("1000", B("10,00"), 0.0),
+    ("1000000", B("1,000, 000"), 0.0),
+    ("1000000", B("1{,}000{,}000"), 1.0),
+    ("-1234.5", B("-1,234.5"), 1.0),
+    ("23", B("2 3"), 0.0),                    # a space never joins digits
+    ("1000", B("1\\,000"), 0.0),              # math-verify reads 1*0; the fast path must not overrule it
+    # --- currency: an escaped \$ is a dollar sign, not the end of the math
+    ("1000.99", B("1,000.99\\$"), 1.0),
+    ("1000.99", B("1,000.98\\$"), 0.0),
+    ("12.50", B("12.50\\$"), 1.0),
+    ("12.50", B("12.05\\$"), 0.0),
+    ("12.5", B("\\$12.50"), 1.0),
+    ("\\$12.50", B("12.5"), 1.0),
+    ("1000", B("\\$1,000"), 1.0),
     # --- text answers
     ("\\text{Evelyn}", B("\\text{Evelyn}"), 1.0),
     ("\\text{Evelyn}", B("Evelyn"), 1.0),
@@ -297,17 +325,95 @@ def test_extract_rejects_non_str():
     ("\\dfrac{1}{2}", "\\frac{1}{2}"), ("\\left(1,2\\right)", "(1,2)"), ("1,000", "1000"),
     ("30^\\circ", "30"), ("50\\%", "50"), ("$5$", "5"), ("5\\text{ cm}", "5"), ("4.0", "4"),
     ("\\text{Evelyn}", "Evelyn"), ("\\frac12", "\\frac{1}{2}"),
+    ("1,000.99\\$", "1000.99"), ("12.50\\$", "12.5"), ("$12.50\\$$", "12.5"), ("1{,}000", "1000"),
+    ("-1,234,567", "-1234567"),
 ])
 def test_normalize_equal(a, b):
     assert normalize_answer(a) == normalize_answer(b)
 
 
 @pytest.mark.parametrize("a,b", [
+    ("32, 349", "32349"), ("0,111", "111"), ("2 3", "23"), ("1\\,000", "1000"), ("1, 234", "1234"),
+    ("12.50\\$", "12.05"),
     ("1,2", "12"), ("(1,2)", "[1,2]"), ("-3", "3"), ("\\frac{1}{2}", "\\frac{2}{1}"), ("x", "y"),
     ("2^3", "23"), ("1,0000", "10000"), ("2 m", "2"), ("2m", "2"),
 ])
 def test_normalize_keeps_different_apart(a, b):
     assert normalize_answer(a) != normalize_answer(b)
+
+
+# ---------------------------------------------------------------- separators: property-style checks (issue 17)
+
+def _renderings(n: int) -> list[str]:
+    """Ways to write the integer n: plain, standard thousands, LaTeX {,}, and non-standard separators."""
+    std = f"{n:,}"
+    return [str(n), std, std.replace(",", "{,}"), std.replace(",", ", "), std.replace(",", " "),
+            std.replace(",", "\\,"), "$" + std + "$"]
+
+
+def _distinct_int_pairs(seed: int, count: int) -> list[tuple[int, int]]:
+    import random
+
+    rng = random.Random(seed)
+    pairs = []
+    while len(pairs) < count:
+        a = rng.choice([rng.randrange(1, 1000), rng.randrange(1000, 10**6), rng.randrange(10**6, 10**9)])
+        # neighbours that the old rule confused: digits of a joined or split at a comma
+        b = rng.choice([a + rng.choice([-1, 1]), int(str(a)[::-1]), int(str(a) + str(rng.randrange(10))),
+                        int(str(a)[:-1] or "0"), rng.randrange(1, 10**9)])
+        if a != b and b > 0:
+            pairs.append((a, b))
+    return pairs
+
+
+def test_distinct_integers_never_normalise_equal():
+    # a pure-normalisation sweep (no math-verify): thousands of pairs in well under a second
+    for a, b in _distinct_int_pairs(seed=17, count=1500):
+        for ra in _renderings(a):
+            for rb in _renderings(b):
+                assert normalize_answer(ra) != normalize_answer(rb), (ra, rb)
+
+
+def test_same_integer_standard_forms_normalise_equal():
+    for a, _ in _distinct_int_pairs(seed=3, count=300):
+        std = f"{a:,}"
+        assert normalize_answer(std) == normalize_answer(str(a)) == normalize_answer(std.replace(",", "{,}"))
+
+
+def test_distinct_integers_never_judged_equal_end_to_end():
+    # the whole verifier (fast path + math-verify), on a small random sample, both gold orders
+    rng = __import__("random").Random(1717)
+    golds, responses = [], []
+    for a, b in _distinct_int_pairs(seed=1717, count=24):
+        ra, rb = rng.choice(_renderings(a)), rng.choice(_renderings(b))
+        golds += [ra, rb]
+        responses += [B(rb), B(ra)]
+    # the issue's own traps: digits joined by a comma and a space, or split after a leading 0
+    for x, y in [(32, 349), (5, 125), (7, 1), (12, 34)]:
+        golds += [str(int(f"{x}{y}")), f"{x}, {y}"]
+        responses += [B(f"{x}, {y}"), B(f"{x}{y}")]
+    golds.append("111")
+    responses.append(B("0,111"))
+    assert math_rewards(responses, golds, num_workers=2) == [0.0] * len(golds)
+
+
+def test_fast_path_never_accepts_what_math_verify_rejects():
+    # every answer the cheap string match accepts, math-verify (gold first, as our worker calls it)
+    # must accept too: the fast path only saves time, it never widens the rule
+    from fastupg.rewards._verify_worker import check
+    from fastupg.rewards.math import _fast_score
+
+    cfg = VerifierConfig()
+    pairs = [(g, r) for g, r, _ in CASES]
+    for a, _ in _distinct_int_pairs(seed=5, count=10):
+        pairs += [(str(a), B(r)) for r in _renderings(a)]
+    checked = 0
+    for g, r in pairs:
+        score, gg, answer = _fast_score(r, g, cfg)
+        if score == 1.0 and answer:
+            assert check(gg, answer), (g, r)
+            checked += 1
+    assert checked >= 50
 
 
 def test_choice_letter():

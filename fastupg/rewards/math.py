@@ -140,7 +140,11 @@ def extract_choice_letter(response: str) -> str | None:
 # cheap normalisation (conservative: two different answers must never normalise equal)
 # --------------------------------------------------------------------------------------------
 
-_THOUSANDS = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+# A comma is a thousands separator only in the standard form: a first group of 1-3 digits that
+# does not start with 0, then groups of exactly three digits, no space after any comma
+# ("1,000", "12,345.5"). Anything else ("32, 349", "0,111", "1,0000") keeps its comma, which
+# then separates answers, as it does for math-verify.
+_THOUSANDS = re.compile(r"^[+-]?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?$")
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|operatorname|mbox)\s*\{([^{}]*)\}")
 _UNIT_WORDS = (
     "cm", "m", "km", "mm", "inches", "inch", "in", "feet", "foot", "ft", "yards", "yard", "miles", "mile",
@@ -160,18 +164,27 @@ _UNIT_TAIL = re.compile(
 )
 
 
+def _strip_math_dollars(s: str) -> str:
+    """Drop the `$` that open and close math around a whole answer, never an escaped `\\$`."""
+    s = re.sub(r"^\$+", "", s)
+    s = re.sub(r"(?<!\\)\$+$", "", s)
+    return s.strip()
+
+
 def normalize_answer(s: str) -> str:
     """Cheap canonical form of an answer string, for the fast exact-match path."""
     s = s.strip()
-    # the whole answer wrapped in $...$ or \( \) / \[ \]
-    s = re.sub(r"^\$+|\$+$", "", s).strip()
+    # the whole answer wrapped in $...$ or \( \) / \[ \]; an escaped `\$` is currency, not a delimiter
+    s = _strip_math_dollars(s)
     s = re.sub(r"^\\[\(\[]|\\[\)\]]$", "", s).strip()
     m = _UNIT_TAIL.match(s)
     if m:
         s = m.group("num")
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", s)     # not \leftarrow
-    s = re.sub(r"\\[!,;:]|~|\\ ", "", s)
+    # LaTeX spacing becomes a plain space: between two digits it must not join them ("1\\,000"
+    # reads 1*0 for math-verify, "2 3" is not 23); elsewhere it is dropped below
+    s = re.sub(r"\\[!,;:]|~|\\ ", " ", s)
     s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree", "", s)
     s = s.replace("\\%", "").replace("%", "")
     s = s.replace("\\$", "")
@@ -181,9 +194,12 @@ def normalize_answer(s: str) -> str:
             break
         s = s2
     s = s.strip().rstrip(".").strip()
-    if _THOUSANDS.match(s.replace(" ", "")):
+    s = s.replace("{,}", ",")             # "1{,}000": LaTeX's spacing-free comma
+    if _THOUSANDS.match(s):                # before any space is removed: "32, 349" is two answers
         s = s.replace(",", "")
-    s = re.sub(r"\s+", "", s)
+    # drop whitespace, except one space between two digits
+    s = re.sub(r"\s+", " ", s)
+    s = re.sub(r"(?<!\d) | (?!\d)", "", s)
     # \frac12 -> \frac{1}{2}
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
     # a plain number: canonical decimal form ("4.0" == "4", "0.50" == ".5")
