@@ -566,3 +566,38 @@ def test_argument_errors():
         VerifierConfig(num_workers=0)
     with pytest.raises(ValueError):
         math_reward("\\boxed{1}", "  ")
+
+
+def _doc_examples() -> list[tuple[str, str, float]]:
+    """Rows `| `gold` | `response` | 0/1 | ...` of docs/verifier.md (both of its tables)."""
+    import pathlib
+    import re
+
+    doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "verifier.md"
+    rows = []
+    for line in doc.read_text().splitlines():
+        m = re.match(r"^\| `([^`]+)` \| `([^`]+)` \| ([01]) \|", line)
+        if m:
+            rows.append((m.group(1), m.group(2), float(m.group(3))))
+    return rows
+
+
+def test_docs_examples():
+    # what docs/verifier.md says is accepted and rejected is what the verifier does
+    rows = _doc_examples()
+    assert len(rows) >= 60
+    got = math_rewards([r for _, r, _ in rows], [g for g, _, _ in rows], num_workers=2)
+    assert [(g, r, s) for (g, r, _), s in zip(rows, got)] == rows
+
+
+def test_trainer_and_eval_use_this_rule():
+    # the RL reward and the reported accuracy are one function: the several-boxes and separator
+    # rules reach both (fastupg eval scores with fastupg.rewards.math.math_rewards directly)
+    import fastupg.evaluate as evaluate
+    from fastupg.rewards import math as verifier
+    from fastupg.trainer import reward_fn
+
+    assert evaluate.math_rewards is verifier.math_rewards
+    texts = ["So $\\boxed{(2,2)}$ and $\\boxed{(6,2)}$.", "$\\boxed{5}$ or $\\boxed{3}$", B("32, 349")]
+    golds = ["(2,2),(6,2)", "3", "32349"]
+    assert reward_fn("math")(texts, golds) == [1.0, 0.0, 0.0]
