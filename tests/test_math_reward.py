@@ -178,6 +178,16 @@ CASES: list[tuple[str, str, float]] = [
     ("12.5", B("\\$12.50"), 1.0),
     ("\\$12.50", B("12.5"), 1.0),
     ("1000", B("\\$1,000"), 1.0),
+    # --- numbers read before both paths (math-verify alone cannot parse these right answers)
+    ("7", B("7 dollars"), 1.0),
+    ("7", B("7."), 1.0),
+    ("7", B("7\\,\\%"), 1.0),
+    ("1000", B("1,000\\%"), 1.0),
+    ("1000", B("1,000^\\circ"), 1.0),
+    ("12.5", B("\\text{12.5}"), 1.0),
+    ("0.125", B("12.5\\%"), 1.0),              # math-verify reads a decimal percent as x/100
+    ("8", B("7 dollars"), 0.0),
+    ("1000", B("1,001\\%"), 0.0),
     # --- text answers
     ("\\text{Evelyn}", B("\\text{Evelyn}"), 1.0),
     ("\\text{Evelyn}", B("Evelyn"), 1.0),
@@ -485,24 +495,41 @@ def test_distinct_integers_never_judged_equal_end_to_end():
     assert math_rewards(responses, golds, num_workers=2) == [0.0] * len(golds)
 
 
+def _decorated(x) -> list[str]:
+    """A number as models box it: separators, currency, percent, degrees, units, wrappers, a period."""
+    s = f"{x:,}"
+    return [str(x), s, s.replace(",", "{,}"), "$" + s + "$", "\\$" + s, s + "\\$", s + "\\%", s + "\\,\\%",
+            s + "^\\circ", s + "°", s + "\\text{ cm}", s + "\\;\\text{cm}", s + " dollars", s + ".0", s + ".",
+            "$" + s + ".$", "\\text{" + s + "}", "\\mathbf{\\text{" + s + "}}", "\\textbf{(B) }" + s,
+            "0" + str(x), "\\left(" + str(x) + "\\right)", s.replace(",", "\\,"), s.replace(",", ", ")]
+
+
 def test_fast_path_never_accepts_what_math_verify_rejects():
-    # every answer the cheap string match accepts, math-verify (gold first, as our worker calls it)
-    # must accept too: the fast path only saves time, it never widens the rule
+    # every answer the cheap string match accepts, math-verify (gold first, as our worker calls it,
+    # on the same read answer) must accept too: the fast path only saves time, it never widens the
+    # rule. Letter golds are out of scope: they never reach math-verify.
+    import random
+
     from fastupg.rewards._verify_worker import check
-    from fastupg.rewards.math import _final_answers, _plan
+    from fastupg.rewards.math import _choice_gold, _final_answers, _plan
 
     cfg = VerifierConfig()
     pairs = [(g, r) for g, r, _ in CASES + MULTI_BOX_CASES]
-    for a, _ in _distinct_int_pairs(seed=5, count=10):
-        pairs += [(str(a), B(r)) for r in _renderings(a)]
+    rng = random.Random(11)
+    for x in [7, 1234, 32349, 1000000, 12.5, 1000.99, -1234, 0.5, -3, 0]:
+        golds = _decorated(x)[:6]
+        answers = _decorated(x) + _decorated(x + 1)
+        pairs += [(rng.choice(golds), B(a)) for a in rng.sample(answers, 12)]
     checked = 0
     for g, r in pairs:
+        if _choice_gold(g):
+            continue
         score, gg, _ = _plan(r, g, cfg)
         if score == 1.0:
             for answer in _final_answers(r, gg, cfg).values():
                 assert check(gg, answer), (g, r, answer)
             checked += 1
-    assert checked >= 50
+    assert checked >= 100
 
 
 def test_choice_letter():

@@ -14,9 +14,10 @@ Pipeline for one (response, gold):
 3. several distinct final answers: when the gold holds k > 1 answers they are compared as one set
    ``a, b, ...``; when it holds one, every one of them must be equivalent to it (boxing several
    candidates scores 0);
-4. cheap normalised string match (``\\dfrac`` -> ``\\frac``, ``\\left(`` -> ``(``, ``\\text{}``,
-   degrees, percent, standard-form thousands separators, ``$``, spaces ...): equal strings score 1
-   at once. It never accepts what step 5 would reject (tests/test_math_reward.py checks this);
+4. a number is read (``7 dollars``, ``1,000\\%``, ``\\text{12.5}``: value-preserving rewrites
+   that math-verify cannot do itself, seen by steps 4 and 5), then a cheap normalised string
+   match (``\\dfrac`` -> ``\\frac``, ``\\left(`` -> ``(``, ``\\text{}``, degrees, percent,
+   standard-form thousands separators, ``$``, spaces ...): equal strings score 1 at once. It never accepts what step 5 would reject (tests/test_math_reward.py checks this);
 5. otherwise symbolic equivalence with math-verify, gold first:
    ``verify(parse(gold), parse(answer))``.
 
@@ -261,7 +262,9 @@ def normalize_answer(s: str) -> str:
     # reads 1*0 for math-verify, "2 3" is not 23); elsewhere it is dropped below
     s = re.sub(r"\\[!,;:]|~|\\ ", " ", s)
     s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree", "", s)
-    s = s.replace("\\%", "").replace("%", "")
+    # a percent sign after a non-negative integer only: math-verify reads "25\\%" as 25 or 0.25,
+    # but "12.5\\%" not as 12.5 (nor "-3\\%" as -3), and the fast path must not accept more than it
+    s = re.sub(r"(?<![\d.,+\-])(\d{1,3}(?:,\d{3})+|\d+)\s*\\?%", r"\1", s)
     s = s.replace("\\$", "")
     for _ in range(3):  # nested \text{\textbf{..}}
         s2 = _TEXT_CMD.sub(r"\1", s)
@@ -296,10 +299,39 @@ def _strip_gold(gold: str) -> str:
         inner = extract_last_boxed(g)
         if inner is not None:
             g = inner
-    return _sci_to_latex(g)
+    return _read_answer(_sci_to_latex(g))
 
 
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
 _STANDARD_NUMBER = re.compile(r"(?<![\d.,])[+-]?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?(?!,?\d)")
+
+
+def _read_answer(a: str) -> str:
+    """The answer both the fast path and math-verify see: value-preserving rewrites of a number
+    that math-verify cannot parse itself, so that the fast path never accepts more than math-verify.
+
+    Only when the whole answer normalises to one plain number: `$` delimiters and a trailing
+    sentence period are dropped (``$7.$``), standard-form thousands separators are removed
+    (``1,000\\%`` -> ``1000\\%``, ``1{,}000`` -> ``1000``), a number followed by a unit becomes the
+    number (``7 dollars``, ``5\\,\\mathrm{m}^2``), LaTeX spacing next to a non-digit and
+    ``\\text{}``-like wrappers are dropped (``7\\,\\%``, ``\\text{12.5}``). Everything else is left
+    as written; spacing between two digits stays (``1\\,000`` is not read as 1000).
+    """
+    if not _PLAIN_NUMBER.fullmatch(normalize_answer(a)):
+        return a
+    a = re.sub(r"(?<=[\d}])\s*\.$", "", _strip_math_dollars(a))
+    a = _STANDARD_NUMBER.sub(lambda m: m.group(0).replace(",", ""), a.replace("{,}", ","))
+    m = _UNIT_TAIL.match(a)
+    if m:
+        return m.group("num")
+    # LaTeX spacing next to a non-digit ("7\\,\\%"); between two digits it stays ("1\\,000")
+    a = re.sub(r"(?<!\d)(?:\\[,;:! ]|~)+|(?:\\[,;:! ]|~)+(?!\d)", "", a)
+    for _ in range(3):  # \text{12.5}, \mathbf{\text{..}}: formatting, not value
+        a2 = _TEXT_CMD.sub(r"\1", a)
+        if a2 == a:
+            break
+        a = a2
+    return a
 _WORD_SEPARATOR = re.compile(r"\\(?:text|textrm|mbox|mathrm)\s*\{\s*(?:and|or)\s*\}|(?<=\s)(?:and|or)(?=\s)")
 
 
@@ -565,7 +597,7 @@ def _final_answers(response: str, g: str, cfg: VerifierConfig) -> dict[str, str]
             continue
         if len(box) > cfg.max_answer_chars:
             return None
-        a = _sci_to_latex(box if keep_label else _strip_choice_label(box))
+        a = _read_answer(_sci_to_latex(box if keep_label else _strip_choice_label(box)))
         answers.setdefault(normalize_answer(a), a)
     if len(answers) > 1 and gold_answer_count(g) > 1:
         joined = ", ".join(answers.values())
