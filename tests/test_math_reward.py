@@ -279,6 +279,8 @@ MULTI_BOX_CASES: list[tuple[str, str, float]] = [
     ("3", "\\boxed{3}, that is \\boxed{3}", 1.0),
     ("\\frac{1}{2}", "\\boxed{\\frac{1}{2}} = \\boxed{0.5}", 1.0),      # equivalent forms of one answer
     ("\\frac{1}{2}", "\\boxed{\\frac{1}{2}} or \\boxed{\\frac{1}{3}}", 0.0),
+    ("0.5", "\\boxed{50\\%} = \\boxed{0.5}", 1.0),
+    ("0.5", "\\boxed{50\\%} or \\boxed{0.4}", 0.0),
     ("\\text{yes}", "\\boxed{\\text{yes}} or \\boxed{\\text{no}}", 0.0),
     ("32349", "\\boxed{32}, \\boxed{349}", 0.0),                  # math-verify joins these to 32,349
     ("(3,4)", "\\boxed{3}, \\boxed{4}", 0.0),                     # a point is one answer
@@ -287,6 +289,9 @@ MULTI_BOX_CASES: list[tuple[str, str, float]] = [
     ("5", "\\boxed{4}\n\nSo the answer is \\boxed{5} or \\boxed{6}", 0.0),
     ("3", "\\boxed{\\boxed{3}}", 1.0),
     ("3", "\\boxed{} and \\boxed{3}", 1.0),                       # an empty box is no answer
+    ("3", "\\boxed{\\,} and \\boxed{3}", 1.0),
+    ("3", "\\boxed{3} and \\boxed{}", 1.0),
+    ("3", "\\boxed{} and \\boxed{\\,}", 0.0),                   # only empty final boxes
     # --- letters: boxing several different letters scores 0
     ("C", "\\boxed{A} or \\boxed{C}", 0.0),
     ("C", "\\boxed{C} (that is, \\boxed{\\text{C}})", 1.0),

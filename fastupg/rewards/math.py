@@ -588,17 +588,17 @@ def _final_answers(response: str, g: str, cfg: VerifierConfig) -> dict[str, str]
     their normalised form; several answers are joined into one ``a, b, ...`` when the gold holds
     several answers. None when the response has no usable final box or an over-long one."""
     boxes = extract_final_boxes(response, cfg.max_final_boxes)
-    if boxes is None or not boxes[-1].strip():
+    if boxes is None:
         return None
     keep_label = bool(_CHOICE_LABEL.match(g))  # a gold that itself starts with "(A)" keeps the answer's label
     answers: dict[str, str] = {}               # normalised form -> answer, first seen first
     for box in boxes:
-        if not box.strip():
-            continue
         if len(box) > cfg.max_answer_chars:
             return None
         a = _read_answer(_sci_to_latex(box if keep_label else _strip_choice_label(box)))
-        answers.setdefault(normalize_answer(a), a)
+        na = normalize_answer(a)
+        if na:                                  # an empty box (`\boxed{}`, `\boxed{\,}`) is no answer
+            answers.setdefault(na, a)
     if len(answers) > 1 and gold_answer_count(g) > 1:
         joined = ", ".join(answers.values())
         if len(joined) > cfg.max_answer_chars:
@@ -631,7 +631,8 @@ def _plan(response: str, gold: str, cfg: VerifierConfig) -> tuple[float | None, 
         return 0.0, g, []
     ng = normalize_answer(g)
     # one-answer gold, several final answers: two different plain numbers can never both be right
-    numbers = {na for na in answers if _PLAIN_NUMBER.fullmatch(na)}
+    # (a percent is not a plain number: 50\% and 0.5 may both be right)
+    numbers = {na for na, a in answers.items() if _PLAIN_NUMBER.fullmatch(na) and "%" not in a}
     if len(numbers) > 1:
         return 0.0, g, []
     todo = []
