@@ -17,7 +17,8 @@ Pipeline for one (response, gold):
 4. a number is read (``7 dollars``, ``1,000\\%``, ``\\text{12.5}``: value-preserving rewrites
    that math-verify cannot do itself, seen by steps 4 and 5), then a cheap normalised string
    match (``\\dfrac`` -> ``\\frac``, ``\\left(`` -> ``(``, ``\\text{}``, degrees, percent,
-   standard-form thousands separators, ``$``, spaces ...): equal strings score 1 at once. It never accepts what step 5 would reject (tests/test_math_reward.py checks this);
+   standard-form thousands separators, ``$``, spaces ...): equal strings score 1 at once. It
+   never accepts what step 5 would reject (tests/test_math_reward.py checks this);
 5. otherwise symbolic equivalence with math-verify, gold first:
    ``verify(parse(gold), parse(answer))``.
 
