@@ -168,6 +168,12 @@ CASES: list[tuple[str, str, float]] = [
     ("1000000", B("1,000, 000"), 0.0),
     ("1000000", B("1{,}000{,}000"), 1.0),
     ("-1234.5", B("-1,234.5"), 1.0),
+    ("10,\\!080", B("10080"), 1.0),          # MATH's thousands style: `,\!` is a comma without space
+    ("10080", B("10,\\!080"), 1.0),
+    ("11,\\! 111,\\! 111,\\! 100", B("11111111100"), 1.0),
+    ("\\$32,\\!348", B("32348"), 1.0),
+    ("10080", B("10, 080"), 0.0),
+    ("10080", B("10,\\!08"), 0.0),
     ("23", B("2 3"), 0.0),                    # a space never joins digits
     ("1000", B("1\\,000"), 0.0),              # math-verify reads 1*0; the fast path must not overrule it
     # --- currency: an escaped \$ is a dollar sign, not the end of the math
@@ -265,6 +271,8 @@ MULTI_BOX_CASES: list[tuple[str, str, float]] = [
     ("2, 3", "\\[x_1 = \\boxed{2}, \\quad x_2 = \\boxed{3}\\]", 1.0),
     ("2, 3", "\\boxed{2}, \\boxed{3}, \\boxed{2}", 1.0),             # a repeated box is one answer
     ("\\{1,2\\}", "$\\boxed{1}$ and $\\boxed{2}$", 1.0),
+    ("$69$,$84$", "So \\boxed{84} and \\boxed{69}.", 1.0),          # OlympiadBench writes golds so
+    ("$69$,$84$", "So \\boxed{84} and \\boxed{68}.", 0.0),
     ("x=2 \\text{ or } x=3", "so \\boxed{x=2} or \\boxed{x=3}", 1.0),
     ("\\frac{1}{2}, -3", "x = \\boxed{-3} or x = \\boxed{0.5}", 1.0),
     ("(2,2),(6,2)", "So \\boxed{(2,2)} and \\boxed{(6,3)}.", 0.0),
@@ -380,7 +388,8 @@ def test_extract_final_boxes(text, expected):
     ("(2,2),(6,2)", 2), ("5, 125", 2), ("5,125", 1), ("(1,2]", 1), ("1,000", 1), ("1,000, 2,000", 2),
     ("\\{1,2,3\\}", 3), ("\\left\\{1,2\\right\\}", 2), ("\\{1\\}\\cup\\{2\\}", 1), ("3", 1),
     ("x=2 \\text{ or } x=3", 2), ("2 and 3", 2), ("[0,\\infty)", 1), ("\\left( 3, \\frac{\\pi}{2} \\right)", 1),
-    ("1,2,3", 3), ("\\frac{1}{2}, \\frac{1}{3}", 2), ("$1, 2$", 2), ("(-\\infty,-2)\\cup(2,\\infty)", 1),
+    ("1,2,3", 3), ("\\frac{1}{2}, \\frac{1}{3}", 2), ("10,\\!080", 1), ("11,\\! 111,\\! 100", 1),
+    ("$69$,$84$", 2), ("2500,7500", 2), ("$1, 2$", 2), ("(-\\infty,-2)\\cup(2,\\infty)", 1),
 ])
 def test_gold_answer_count(gold, k):
     assert gold_answer_count(gold) == k

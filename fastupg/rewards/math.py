@@ -248,6 +248,12 @@ def _strip_math_dollars(s: str) -> str:
     return s.strip()
 
 
+def _tidy_commas(s: str) -> str:
+    """LaTeX's ways of writing a comma without the space after it, ``1{,}000`` and ``10,\\!080``
+    (the MATH dataset's thousands style; math-verify reads both as one number), as a plain comma."""
+    return re.sub(r",\s*\\!\s*", ",", s.replace("{,}", ","))
+
+
 def normalize_answer(s: str) -> str:
     """Cheap canonical form of an answer string, for the fast exact-match path."""
     s = s.strip()
@@ -259,6 +265,7 @@ def normalize_answer(s: str) -> str:
         s = m.group("num")
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", s)     # not \leftarrow
+    s = _tidy_commas(s)
     # LaTeX spacing becomes a plain space: between two digits it must not join them ("1\\,000"
     # reads 1*0 for math-verify, "2 3" is not 23); elsewhere it is dropped below
     s = re.sub(r"\\[!,;:]|~|\\ ", " ", s)
@@ -273,7 +280,6 @@ def normalize_answer(s: str) -> str:
             break
         s = s2
     s = s.strip().rstrip(".").strip()
-    s = s.replace("{,}", ",")             # "1{,}000": LaTeX's spacing-free comma
     if _THOUSANDS.match(s):                # before any space is removed: "32, 349" is two answers
         s = s.replace(",", "")
     # drop whitespace, except one space between two digits
@@ -294,12 +300,14 @@ def normalize_answer(s: str) -> str:
 
 
 def _strip_gold(gold: str) -> str:
-    """Gold answers sometimes come boxed (`\\boxed{204}`) or in `$...$`: keep the content."""
+    """Gold answers sometimes come boxed (`\\boxed{204}`) or in `$...$` (`$69$,$84$` in
+    OlympiadBench): keep the content, without the math delimiters (an escaped `\\$` stays)."""
     g = gold.strip()
     if "\\boxed" in g or "\\fbox" in g:
         inner = extract_last_boxed(g)
         if inner is not None:
             g = inner
+    g = re.sub(r"(?<!\\)\$", "", g).strip()
     return _read_answer(_sci_to_latex(g))
 
 
@@ -321,7 +329,7 @@ def _read_answer(a: str) -> str:
     if not _PLAIN_NUMBER.fullmatch(normalize_answer(a)):
         return a
     a = re.sub(r"(?<=[\d}])\s*\.$", "", _strip_math_dollars(a))
-    a = _STANDARD_NUMBER.sub(lambda m: m.group(0).replace(",", ""), a.replace("{,}", ","))
+    a = _STANDARD_NUMBER.sub(lambda m: m.group(0).replace(",", ""), _tidy_commas(a))
     m = _UNIT_TAIL.match(a)
     if m:
         return m.group("num")
@@ -343,7 +351,7 @@ def gold_answer_count(gold: str) -> int:
     standard thousands form; a gold that is one set literal ``\\{1, 2\\}`` holds its elements.
     ``"(2,2),(6,2)"`` -> 2, ``"5, 125"`` -> 2, ``"(1,2]"`` -> 1, ``"1,000"`` -> 1, ``"\\{1,2,3\\}"`` -> 3.
     """
-    s = _STANDARD_NUMBER.sub("0", _strip_math_dollars(gold.strip()).replace("{,}", ","))
+    s = _STANDARD_NUMBER.sub("0", _tidy_commas(_strip_math_dollars(gold.strip())))
     s = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", s).strip()
     if s.startswith("\\{") and s.endswith("\\}") and _closes_at_end(s):
         s = s[2:-2]
@@ -596,6 +604,7 @@ def _final_answers(response: str, g: str, cfg: VerifierConfig) -> dict[str, str]
     for box in boxes:
         if len(box) > cfg.max_answer_chars:
             return None
+        box = re.sub(r"(?<!\\)\$", "", box)      # math delimiters inside a box (`\\$` is currency)
         a = _read_answer(_sci_to_latex(box if keep_label else _strip_choice_label(box)))
         na = normalize_answer(a)
         if na:                                  # an empty box (`\boxed{}`, `\boxed{\,}`) is no answer
