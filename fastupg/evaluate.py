@@ -5,8 +5,9 @@
         [--engine auto|hf|vllm]
 
 Protocol (HPT paper / LUFFY evaluation): sample at temperature 0.6, top-p 0.95, up to 8192 new
-tokens; score each response with the rule-based verifier (fastupg.rewards.math: last boxed
-answer vs gold, math-verify equivalence; letters for GPQA); report avg@k = the mean score over
+tokens; score each response with the rule-based verifier (fastupg.rewards.math, the trainer's
+rule: final boxed answer(s) vs gold, math-verify equivalence; letters for GPQA; docs/verifier.md);
+report avg@k = the mean score over
 k samples per question, averaged over questions. k defaults per benchmark: 32 for AIME24,
 AIME25 and AMC (small sets, high variance), 1 for the others; ``--k`` sets it for all.
 Prompts: the training system prompt (LUFFY's) through the model's chat template.

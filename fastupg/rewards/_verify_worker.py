@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import warnings
 
 
 def _parse(parse, s: str):
-    s = s.strip().strip("$").strip()
+    # drop math-delimiting `$`, but keep an escaped `\$` (currency) whole: "12.50\$" stays itself
+    s = re.sub(r"(?<!\\)\$+$", "", re.sub(r"^\$+", "", s.strip())).strip()
+    s = s.replace("°", "^{\\circ}")  # math-verify cannot read the unicode degree sign
     # as a boxed expression first: the LaTeX extractor then takes the whole string as the answer
     got = parse("$\\boxed{" + s + "}$", parsing_timeout=None)
     if not got:
