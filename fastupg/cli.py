@@ -3,7 +3,7 @@
     python -m fastupg train --config configs/demo.yaml learning_rate=3e-4 max_steps=20
     torchrun --nproc-per-node 8 -m fastupg train --config configs/hpt-paper.yaml model=Qwen/Qwen2.5-Math-1.5B ...
     python -m fastupg eval --model runs/demo/checkpoint-60 --data MATH-500.json --out results/
-    python -m fastupg bench [logits|fused_linear] [extra args for the benchmark script]
+    python -m fastupg bench [logits|fused_linear|long_context] [extra args for the benchmark script]
     python -m fastupg plan --config configs/qwen2.5-math-7b-hpt.yaml [--gpus 8 --gpu-gb 80] [key=value ...]
 
 `train` parses and validates the whole configuration (unknown keys, wrong types, impossible
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 REPO = Path(__file__).resolve().parent.parent
-BENCHES = {"logits": "bench_logits.py", "fused_linear": "bench_fused_linear.py"}
+BENCHES = {"logits": "bench_logits.py", "fused_linear": "bench_fused_linear.py", "long_context": "bench_long_context.py"}
 
 
 def build_parser() -> argparse.ArgumentParser:

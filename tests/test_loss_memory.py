@@ -36,7 +36,7 @@ class LargestTensor(TorchDispatchMode):
 def _big_vocab_model(seed):
     import transformers
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=V_BIG, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    cfg = transformers.LlamaConfig(vocab_size=V_BIG, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
                                    tie_word_embeddings=True)
     return transformers.LlamaForCausalLM(cfg).float()
@@ -67,11 +67,11 @@ def _loss_step(tmp_path, monkeypatch, **kw):
 
 def test_no_vocabulary_sized_tensor_in_the_loss_step(tmp_path, monkeypatch):
     rec, resp = _loss_step(tmp_path, monkeypatch)
-    assert len(resp) >= 2 and min(resp) > 16 * 4     # tokens per micro-batch >> hidden size: N x V >> V x D
+    assert len(resp) >= 2 and min(resp) > 4 * 8      # tokens per micro-batch >> hidden size: N x V >> V x D
     # what may remain: the lm_head weight and its gradient (V x D fp32) and one 1 MiB chunk of logits (loss_chunk_mb)
-    allowed = max(V_BIG * 16 * 4, 2 ** 20)
+    allowed = max(V_BIG * 8 * 4, 2 ** 20)
     smallest_logits = 4 * V_BIG * min(resp)              # fp32 logits of the smallest micro-batch's response tokens
-    assert rec.bytes <= allowed < smallest_logits // 4, (rec.bytes, rec.op, smallest_logits)
+    assert rec.bytes <= allowed < smallest_logits // 2, (rec.bytes, rec.op, smallest_logits)
 
 
 def test_the_recorder_sees_logits_when_they_exist(tmp_path, monkeypatch):
