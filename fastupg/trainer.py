@@ -7,7 +7,8 @@
     5. HPT routing per prompt: alpha = f(P) on its rollouts, beta = g(P) on its demonstration
     6. drop zero-weight rows (before any forward pass), compute the aggregation weight of every
        remaining token over the WHOLE global batch, pack rows into micro-batches under a token budget
-    7. per micro-batch: per-token log-probs (fused kernels where available) -> fastupg.policy_loss with
+    7. per micro-batch: per-token log-probs of the response tokens (models/hf_loss: decoder body + fused-linear
+       log-softmax, never the N x V logits; the same path sharded or not) -> fastupg.policy_loss with
        agg='token-sum' and the precomputed weights, backward; the sum over micro-batches and ranks is
        exactly the loss of one big batch
     8. clip, AdamW step, LR schedule; log; held-out eval; checkpoint
