@@ -160,6 +160,8 @@ def budget(cfg, shape: ModelShape, gpus: int, gpu_gb: float, reserve_gb: float =
                     ("gathered bf16 weights" if sharded else "weights cast", P * 2 if (sharded or pbytes == 4) else 0),
                     ("HF generate KV cache", kv_cache))
     ctx = cfg.max_position_embeddings or shape.max_position_embeddings
+    if cfg.model == "embedded":   # its arithmetic prompts are a few dozen tokens; max_prompt_length is only a cap
+        ctx = 0
     return Budget(rows=rows, train_bytes=int(sum(b for _, b in rows)), gen_rows=gen_rows,
                   gen_bytes=int(sum(b for _, b in gen_rows)), usable_bytes=int((gpu_gb - reserve_gb) * 1e9),
                   context=ctx, needed_context=cfg.max_prompt_length + cfg.max_completion_length)
@@ -173,7 +175,7 @@ def render(cfg, shape: ModelShape, b: Budget, gpus: int, gpu_gb: float, config_n
            f"{shape.hidden_size}, mlp {shape.intermediate_size}, vocab {shape.vocab_size}, "
            f"{'tied' if shape.tie_word_embeddings else 'untied'} head) from {shape.source}",
            f"context: {b.needed_context} tokens needed (prompt {cfg.max_prompt_length} + completion "
-           f"{cfg.max_completion_length}), model allows {b.context}"
+           f"{cfg.max_completion_length}), model allows {b.context or 'n/a (embedded task: short prompts)'}"
            + (f" (max_position_embeddings override, rope_theta {cfg.rope_theta:g})"
               if cfg.max_position_embeddings and cfg.rope_theta else
               " (max_position_embeddings override)" if cfg.max_position_embeddings else ""),

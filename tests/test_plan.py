@@ -67,3 +67,8 @@ def test_refusals_are_one_line_exit_2(capsys):
 def test_one_gpu_plan_for_the_15b_recipe(capsys):
     assert main(["plan", "--config", CONFIGS + "qwen2.5-math-1.5b-hpt.yaml", "--gpus", "1"]) == 0
     assert "1 x 80 GB" in capsys.readouterr().out
+
+
+def test_the_embedded_demo_plans_on_one_gpu(capsys):
+    assert main(["plan", "--config", CONFIGS + "demo.yaml", "--gpus", "1"]) == 0
+    assert "embedded" in capsys.readouterr().out
