@@ -226,6 +226,20 @@ def table(results: dict, sizes, methods) -> str:
         ok = [S for S in sizes if (results[m].get(str(S)) or {}).get("status") == "ok"]
         lines.append(f"longest micro-batch that fits, {m}: {max(ok) if ok else 'none'}"
                      + ("" if results[m] else " (not run: not importable)"))
+    # the issue's goal, stated against what ran: fastupg's longest fit vs the others', speed where both ran
+    best = {m: max([S for S in sizes if (results[m].get(str(S)) or {}).get("status") == "ok"], default=0)
+            for m in methods}
+    if "fastupg" in results:
+        for m in methods:
+            if m == "fastupg" or not results[m]:
+                continue
+            common = [S for S in sizes if all((results[k].get(str(S)) or {}).get("status") == "ok"
+                                               for k in ("fastupg", m))]
+            ratios = ", ".join(f"{S}: {results['fastupg'][str(S)]['tokens_per_s'] / results[m][str(S)]['tokens_per_s']:.2f}x"
+                               for S in common)
+            factor = f" ({best['fastupg'] / best[m]:.0f}x)" if best[m] else ""
+            lines.append(f"fastupg vs {m}: longest fit {best['fastupg']} vs {best[m]}{factor}; "
+                         f"fastupg tokens/s / {m} tokens/s where both fit: {ratios or 'none'}")
     return "\n".join(lines)
 
 
