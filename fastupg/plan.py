@@ -22,6 +22,8 @@ What is counted (GiB per GPU), and how. These are estimates from shapes, not mea
                  (the residual stream stays fp32 under autocast), 2-byte under FSDP's bf16 mixed precision.
   loss chunk     the fused-linear loss: about two chunks of fp32 logits (loss_chunk_mb each) + the lm_head gradient
                  accumulator (V x D fp32) + the response hidden states and their gradient
+  packed mask    sdpa/eager on packed rows: a tokens x tokens boolean mask per micro-batch (counted unless
+                 attn_implementation=flash_attention_2, which uses varlen offsets)
   vLLM           rollout_engine=vllm: vllm_gpu_memory_utilization x GPU memory while generating (the trainer's
                  parameters, gradients-free, and Adam state stay resident then); ~1 GiB while it sleeps
   HF generate    rollout_engine=hf: the KV cache of per_device_train_batch_size sequences of prompt + completion
@@ -147,8 +149,12 @@ def budget(cfg, shape: ModelShape, gpus: int, gpu_gb: float, reserve_gb: float =
     acts = (L * T * D * abytes + layer_work) if cfg.gradient_checkpointing else L * layer_work
     chunk = min(cfg.loss_chunk_mb * 2 ** 20, T * V * 4)   # the chunk never exceeds the micro-batch's logits
     loss = 2 * chunk + V * D * 4 + 2 * T * D * 2
+    # packed rows through sdpa/eager: transformers builds a (T x T) boolean block-diagonal mask per micro-batch;
+    # flash_attention_2 uses varlen offsets instead ("auto" picks it when flash-attn is installed: not known here)
+    mask = T * T if cfg.attn_implementation != "flash_attention_2" else 0
     rows = (("parameters", params), ("gradients", grads), ("Adam state", adam),
-            ("unsharded weights (transient)", unsharded), ("activations", acts), ("loss chunk", loss))
+            ("unsharded weights (transient)", unsharded), ("activations", acts), ("loss chunk", loss),
+            ("packed-row mask (sdpa, not flash)", mask))
     if cfg.rollout_engine == "vllm":
         rows += (("vLLM asleep", 1 * GIB),)
         gen_engine = ("vLLM (gpu_memory_utilization)", cfg.vllm_gpu_memory_utilization * gpu_gb * 1e9)
