@@ -3,7 +3,9 @@
 Layout of `output_dir/checkpoint-{step}/`:
 
     config.json, model.safetensors, tokenizer files   save_pretrained: loads with from_pretrained
-    trainer_state.pt      optimizer, LR scheduler, step, stage, data position, metric history
+    trainer_state.pt      LR scheduler, step, stage, data position, metric history (+ the optimizer, one process)
+    optimizer/            FSDP: the optimizer state as each rank's shards (torch.distributed.checkpoint); no
+                          rank ever holds the whole Adam state, on save or on resume
     rng-{rank}.pt         python / torch (CPU + CUDA) RNG states of every rank
     trainer_state.json    human-readable summary (step, stage, time)
     COMPLETE              written last: a directory without it is never resumed from
@@ -114,8 +116,12 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, optimizer, schedule
         tmp.mkdir()
     D.barrier(info)
     # collective parts first (every rank participates), then rank 0 writes
-    sd = D.full_state_dict(model, info)
+    sd = D.full_state_dict(model, info)          # HF weights for save_pretrained: only rank 0 receives them
     optim_sd = _optimizer_state(model, optimizer, info)
+    if info.distributed:                          # every rank writes its own shards
+        import torch.distributed.checkpoint as dcp
+        dcp.save({"optimizer": optim_sd}, checkpoint_id=str(tmp / "optimizer"))
+        optim_sd = None
     torch.save(rng_state(), tmp / f"rng-{info.rank}.pt")
     D.barrier(info)
     if info.is_main:
@@ -123,7 +129,8 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, optimizer, schedule
         unwrapped.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        torch.save({"optimizer": optim_sd, "scheduler": scheduler.state_dict(), "state": state,
+        torch.save({"optimizer": optim_sd, "optimizer_format": "dcp" if info.distributed else "torch",
+                    "scheduler": scheduler.state_dict(), "state": state,
                     "world_size": info.world_size}, tmp / "trainer_state.pt")
         summary = {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool))}
         (tmp / "trainer_state.json").write_text(json.dumps({**summary, "time": time.time()}, indent=2))
@@ -151,10 +158,11 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, optimizer, schedule
 
 
 def _optimizer_state(model, optimizer, info: D.DistInfo) -> dict:
+    """One process: optimizer.state_dict(). FSDP: this rank's shards, keyed by parameter names (DTensors)."""
     if not info.distributed:
         return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer)
 
 
 def load_training_state(path, model, optimizer, scheduler, info: D.DistInfo) -> dict:
@@ -166,9 +174,14 @@ def load_training_state(path, model, optimizer, scheduler, info: D.DistInfo) -> 
         raise ValueError(f"checkpoint {path} was written by {blob['world_size']} ranks, this run has "
                          f"{info.world_size}: the data position and RNG streams would not continue exactly")
     if info.distributed:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, optimizer, blob["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        if blob.get("optimizer_format") != "dcp":
+            raise ValueError(f"checkpoint {path} has no sharded optimizer state (written by an older fastupg)")
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+        osd = _optimizer_state(model, optimizer, info)   # this rank's layout (initialises empty Adam state)
+        box = {"optimizer": osd}
+        dcp.load(box, checkpoint_id=str(path / "optimizer"))  # reads only this rank's shards
+        set_optimizer_state_dict(model, optimizer, box["optimizer"])
     else:
         optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])

@@ -3,8 +3,9 @@
     python -m fastupg train --config configs/demo.yaml learning_rate=3e-4 max_steps=20
     torchrun --nproc-per-node 8 -m fastupg train --config configs/hpt-paper.yaml model=Qwen/Qwen2.5-Math-1.5B ...
     python -m fastupg eval --model runs/demo/checkpoint-60 --data MATH-500.json --out results/
-    python -m fastupg bench [logits|fused_linear] [extra args for the benchmark script]
+    python -m fastupg bench [logits|fused_linear|long_context] [extra args for the benchmark script]
     python -m fastupg data --config my-data.yaml train_file=train.parquet   # what training would keep, and why not
+    python -m fastupg plan --config configs/qwen2.5-math-7b-hpt.yaml [--gpus 8 --gpu-gb 80] [key=value ...]
 
 `train` parses and validates the whole configuration (unknown keys, wrong types, impossible
 combinations) before anything is loaded or launched; `--print-config` shows the result and exits.
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 REPO = Path(__file__).resolve().parent.parent
-BENCHES = {"logits": "bench_logits.py", "fused_linear": "bench_fused_linear.py"}
+BENCHES = {"logits": "bench_logits.py", "fused_linear": "bench_fused_linear.py", "long_context": "bench_long_context.py"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (fastupg/config.py names)")
     e = sub.add_parser("eval", help="held-out benchmark evaluation (fastupg.evaluate)", add_help=False)
     e.add_argument("rest", nargs=argparse.REMAINDER)
+    pl = sub.add_parser("plan", help="per-GPU memory budget of a recipe (fastupg.plan); loads nothing",
+                        add_help=False)
+    pl.add_argument("rest", nargs=argparse.REMAINDER)
     b = sub.add_parser("bench", help="run a kernel benchmark script from benchmarks/")
     b.add_argument("which", nargs="?", default="logits", choices=sorted(BENCHES))
     b.add_argument("rest", nargs=argparse.REMAINDER)
@@ -53,6 +57,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Like build_parser().parse_args, but `eval`/`bench` hand everything after them to their own parser
     (argparse's REMAINDER does not capture leading --options)."""
     argv = list(argv)
+    if argv and argv[0] == "plan":
+        args = build_parser().parse_args(["plan"])
+        args.rest = argv[1:]
+        return args
     if argv and argv[0] in ("eval", "bench"):
         args = build_parser().parse_args(argv[:1] + (argv[1:2] if argv[0] == "bench" and len(argv) > 1
                                                       and not argv[1].startswith("-") else []))
@@ -101,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ep = add_eval_args(argparse.ArgumentParser(prog="fastupg eval"))
         run_eval(ep.parse_args(args.rest))
         return 0
+    if args.command == "plan":
+        from fastupg.plan import main as plan_main
+        return plan_main(args.rest)
     if args.command == "bench":
         script = REPO / "benchmarks" / BENCHES[args.which]
         if not script.is_file():

@@ -114,6 +114,9 @@ class TrainConfig:
     use_liger_kernel: bool = True       # only takes effect on GPU with liger-kernel installed
     use_fused_loss: bool = True         # fastupg.kernels when available (torch reference otherwise)
     fsdp: bool = True                   # fully_shard the model when world size > 1
+    loss_chunk_mb: int = 1024           # fused-linear loss: MiB of fp32 logits per chunk (the only vocab-sized buffer)
+    rope_theta: float | None = None     # override the model config's RoPE base (None: the model's own)
+    max_position_embeddings: int | None = None  # override the model's context length (None: the model's own)
     num_threads: int = 0                # CPU intra-op threads (torch.set_num_threads); 0: torch's default.
                                         # 1 is best for the tiny embedded model: its ops are too small to split,
                                         # and extra OpenMP threads thrash when other processes share the cores
@@ -167,7 +170,7 @@ class TrainConfig:
                 raise ValueError(f"embedded_mix={list(self.embedded_mix)!r}: {e}") from None
         positive = ("num_generations", "max_completion_length", "per_device_train_batch_size",
                     "gradient_accumulation_steps", "max_tokens_per_microbatch", "max_steps", "logging_steps",
-                    "max_prompt_length", "eval_samples", "eval_batch_size", "num_iterations")
+                    "max_prompt_length", "eval_samples", "eval_batch_size", "num_iterations", "loss_chunk_mb")
         for k in positive:
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
@@ -177,6 +180,10 @@ class TrainConfig:
         for k in ("learning_rate", "temperature"):
             if not (math.isfinite(getattr(self, k)) and getattr(self, k) > 0):
                 raise ValueError(f"{k} must be finite and > 0, got {getattr(self, k)}")
+        if self.rope_theta is not None and not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise ValueError(f"rope_theta must be finite and > 0 (or null), got {self.rope_theta}")
+        if self.max_position_embeddings is not None and self.max_position_embeddings < 1:
+            raise ValueError(f"max_position_embeddings must be >= 1 (or null), got {self.max_position_embeddings}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.hpt_gate < 1:

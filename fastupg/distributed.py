@@ -11,6 +11,7 @@ loss by the world size: FSDP's average over ranks is then the gradient of the on
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -123,9 +124,48 @@ def shard_model(model, info: DistInfo, mixed_precision: bool):
 
 
 def full_state_dict(model, info: DistInfo, cpu: bool = True) -> dict:
-    """Unsharded HF-named tensors (on every rank for FSDP; cheap for the tiny model, CPU-offloaded otherwise)."""
+    """Unsharded HF-named tensors (a collective under FSDP). With cpu=True only rank 0 receives them (offloaded to
+    CPU, the other ranks get an empty dict); only checkpoints need this."""
     if not info.distributed:
         return {k: (v.detach().cpu() if cpu else v.detach()) for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu,
                                                                 broadcast_from_rank0=False))
+
+
+def _param_groups(module) -> list:
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)     # torch >= 2.9: a list; older: one group or None
+    if groups is None:
+        g = getattr(state, "_fsdp_param_group", None)
+        groups = [g] if g is not None else []
+    return list(groups)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Inside: every FSDP2 unit of `model` holds its unsharded parameters (in FSDP's param_dtype, bf16 on GPU), and
+    forwards neither all-gather nor reshard. For generation and evaluation with the trainer's own sharded model:
+    one all-gather per unit per call instead of one per decoding step, no per-step collectives (ranks may run
+    different numbers of decoding steps), and no second, unsharded fp32 copy of the weights kept around.
+    A no-op for a model that is not sharded."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield
+        return
+    saved = []
+    for m in units:
+        saved.append(any(g.post_forward_mesh_info is not None for g in _param_groups(m)))
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m, reshard in zip(units, saved):
+            m.set_reshard_after_forward(reshard, recurse=False)
+            m.reshard()

@@ -7,7 +7,8 @@
     5. HPT routing per prompt: alpha = f(P) on its rollouts, beta = g(P) on its demonstration
     6. drop zero-weight rows (before any forward pass), compute the aggregation weight of every
        remaining token over the WHOLE global batch, pack rows into micro-batches under a token budget
-    7. per micro-batch: per-token log-probs (fused kernels where available) -> fastupg.policy_loss with
+    7. per micro-batch: per-token log-probs of the response tokens (models/hf_loss: decoder body + fused-linear
+       log-softmax, never the N x V logits; the same path sharded or not) -> fastupg.policy_loss with
        agg='token-sum' and the precomputed weights, backward; the sum over micro-batches and ranks is
        exactly the loss of one big batch
     8. clip, AdamW step, LR schedule; log; held-out eval; checkpoint
@@ -105,6 +106,21 @@ def reward_fn(kind: str):
     return lambda texts, golds: list(math_rewards(texts, golds))
 
 
+def model_config(path: str, cfg: TrainConfig):
+    """The model's config with the recipe's context overrides (rope_theta, max_position_embeddings) applied."""
+    from transformers import AutoConfig
+    mc = AutoConfig.from_pretrained(path)
+    if cfg.max_position_embeddings is not None:
+        mc.max_position_embeddings = cfg.max_position_embeddings
+    if cfg.rope_theta is not None:
+        rp = getattr(mc, "rope_parameters", None)   # transformers 5: rope_theta lives in rope_parameters
+        if isinstance(rp, dict):
+            rp["rope_theta"] = float(cfg.rope_theta)
+        else:
+            mc.rope_theta = float(cfg.rope_theta)
+    return mc
+
+
 def load_model(path: str, cfg: TrainConfig, device: torch.device):
     from transformers import AutoModelForCausalLM
     attn = cfg.attn_implementation
@@ -117,7 +133,10 @@ def load_model(path: str, cfg: TrainConfig, device: torch.device):
             except ImportError:
                 pass
     dtype = torch.bfloat16 if cfg.torch_dtype == "bfloat16" else torch.float32  # auto: fp32 master weights
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    kw = {}
+    if cfg.rope_theta is not None or cfg.max_position_embeddings is not None:
+        kw["config"] = model_config(path, cfg)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn, **kw)
     model.config.use_cache = False  # training forward: no KV cache (it would also disable packed-row masking)
     return model.to(device)
 
@@ -154,44 +173,26 @@ def lr_lambda(cfg: TrainConfig):
 
 
 # ----------------------------------------------------------------------------------------------
-# the loss: ONE place chooses how per-token log-probs are computed
+# the loss: ONE place computes per-token log-probs, sharded or not (fastupg/models/hf_loss.py)
 # ----------------------------------------------------------------------------------------------
-def _fused_linear():
-    try:
-        from fastupg.kernels.fused_linear import fused_linear_logprobs
-        return fused_linear_logprobs
-    except ImportError:
-        return None
+def loss_impl(cfg: TrainConfig) -> str:
+    """fused-linear impl of the trainer's log-probs: "chunked" (never more than one chunk of logits, on every
+    device), or the plain "torch" reference (N x V logits) when use_fused_loss is off."""
+    return "chunked" if cfg.use_fused_loss else "torch"
 
 
-def _logits_kernel():
-    try:
-        from fastupg.kernels import token_logprobs
-        return token_logprobs
-    except ImportError:
-        return None
-
-
-def token_logps(model, mb: PackedBatch, temperature: float, use_fused: bool, sharded: bool):
+def token_logps(model, mb: PackedBatch, temperature: float, impl: str = "chunked", chunk_bytes: int = 2 ** 30):
     """(logp, entropy) of the response tokens of a packed micro-batch, differentiable, float32.
 
-    GPU, unsharded: hidden states -> fused linear log-probs (the N x V logits never exist).
-    Otherwise: logits -> the logits kernel (fastupg.kernels.token_logprobs) or the torch reference.
+    The decoder body gives hidden states; only the response positions (mb.loss_mask) go through the lm_head, by
+    the fused-linear log-softmax: prompt tokens never reach the head and the N x V logits never exist. The same
+    call serves an FSDP2-sharded model (hf_loss runs it inside the root's forward hooks).
     """
-    sel = mb.loss_mask
-    tgt = mb.targets[sel]
-    fl = _fused_linear() if use_fused and not sharded and mb.input_ids.is_cuda else None
-    if fl is not None and hasattr(model, "lm_head") and hasattr(model, "model"):
-        hidden = model.model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False).last_hidden_state
-        return fl(hidden[0][sel], model.lm_head.weight, tgt, temperature=temperature, return_entropy=True,
-                  bias=model.lm_head.bias)
-    logits = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits[0][sel]
-    k = _logits_kernel() if use_fused else None
-    if k is not None:
-        return k(logits, tgt, temperature=temperature, return_entropy=True)
-    lp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    ent = -(lp.exp() * lp).sum(-1)
-    return lp.gather(-1, tgt[:, None]).squeeze(-1), ent
+    from fastupg.models.hf_loss import causal_lm_logprobs
+    logp, ent = causal_lm_logprobs(model, mb.input_ids, mb.targets[None], position_ids=mb.position_ids,
+                                   temperature=temperature, return_entropy=True, impl=impl,
+                                   select=mb.loss_mask[None], chunk_bytes=chunk_bytes)
+    return logp.float(), ent.float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,17 +294,18 @@ def greedy_accuracy(model, tokenizer, examples, score, max_new_tokens: int, batc
     gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=pad, use_cache=True)
     dev = next(model.parameters()).device
-    for b in range(0, len(mine), batch_size):
-        chunk = mine[b:b + batch_size]
-        width = max(len(e.prompt_ids) for e in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        att = torch.zeros_like(ids)
-        for i, e in enumerate(chunk):
-            ids[i, width - len(e.prompt_ids):] = torch.tensor(e.prompt_ids)
-            att[i, width - len(e.prompt_ids):] = 1
-        out = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), generation_config=gen)
-        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        correct += sum(score(texts, [e.answer for e in chunk]))
+    with D.gathered(model):
+        for b in range(0, len(mine), batch_size):
+            chunk = mine[b:b + batch_size]
+            width = max(len(e.prompt_ids) for e in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            att = torch.zeros_like(ids)
+            for i, e in enumerate(chunk):
+                ids[i, width - len(e.prompt_ids):] = torch.tensor(e.prompt_ids)
+                att[i, width - len(e.prompt_ids):] = 1
+            out = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), generation_config=gen)
+            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            correct += sum(score(texts, [e.answer for e in chunk]))
     model.train(was)
     tot = D.all_reduce_sum(torch.tensor([correct, float(len(mine))], dtype=torch.float64), info)
     return float(tot[0] / tot[1].clamp_min(1))
@@ -376,21 +378,21 @@ class Trainer:
                 D.apply_activation_checkpointing(self.model)
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # rollouts: the engine shares the model in one process; under FSDP it gets an unsharded copy that is
-        # re-synced (full tensors, HF names) after every update
+        # rollouts and evaluation use the trainer's own model, sharded or not (under FSDP the HF engine gathers the
+        # shards for the duration of a generate call: fastupg.distributed.gathered); no second copy of the weights
         from fastupg.rollout.hf import HFRolloutEngine
-        self.gen_model = self.model
         if self.sharded:
-            self.gen_model = load_model(str(resume or start_from), cfg, dev)
-            self.gen_model.requires_grad_(False)
             D.shard_model(self.model, info, mixed_precision=dev.type == "cuda" and cfg.torch_dtype == "auto")
         elif info.distributed:
             raise ValueError("fsdp=false with more than one rank is not supported (use fsdp=true)")
+        self.gen_model = self.model
         self.engine = (make_vllm_engine(cfg, str(resume or start_from), info) if cfg.rollout_engine == "vllm"
                        else HFRolloutEngine(self.gen_model, self.tokenizer, device=dev))
         self.ref_model = None
-        if cfg.beta > 0:
+        if cfg.beta > 0:  # frozen; sharded like the policy, so each rank holds 1/world of it
             self.ref_model = load_model(str(start_from), cfg, dev).eval().requires_grad_(False)
+            if self.sharded:
+                D.shard_model(self.ref_model, info, mixed_precision=dev.type == "cuda" and cfg.torch_dtype == "auto")
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if dev.type == "cuda" and cfg.torch_dtype == "auto" and not self.sharded
                          else contextlib.nullcontext())
@@ -476,12 +478,22 @@ class Trainer:
                                  seq_ids=mb.row_index[mb.loss_mask])))
         return out + [None] * (n - len(mbs))
 
-    def _dummy_pass(self):
-        """A rank with fewer micro-batches still joins the collectives: a zero-gradient pass."""
-        ids = torch.tensor([[self.tokenizer.eos_token_id]], device=self.info.device)
-        with self.autocast:
-            out = self.model(input_ids=ids, use_cache=False).logits
-        (out.float().sum() * 0.0).backward()
+    def _logps(self, model, mb: PackedBatch):
+        return token_logps(model, mb, self.cfg.temperature, loss_impl(self.cfg), self.cfg.loss_chunk_mb * 2 ** 20)
+
+    def _dummy_pass(self, grad: bool):
+        """A rank with fewer micro-batches still joins the collectives (FSDP all-gathers of the policy and the
+        reference model, the gradient reduce-scatter) in the same order as a real pass: a zero-gradient pass."""
+        from fastupg.data.packing import collate
+        eos = int(self.tokenizer.eos_token_id)
+        mb = collate([[eos, eos]], [1], [0], device=self.info.device)
+        with (contextlib.nullcontext() if grad else torch.no_grad()), self.autocast:
+            logp, _ = self._logps(self.model, mb)
+        if grad and self.ref_model is not None:
+            with torch.no_grad(), self.autocast:
+                self._logps(self.ref_model, mb)
+        if grad:
+            (logp.sum() * 0.0).backward()
 
     def loss_pass(self, mbs, old: list | None, grad: bool):
         """Forward (+ backward) over all micro-batches; returns (summed metrics, per-mb logp)."""
@@ -489,22 +501,20 @@ class Trainer:
         logps = []
         for k, item in enumerate(mbs):
             if item is None:
-                if grad:
-                    self._dummy_pass()
+                self._dummy_pass(grad)
                 logps.append(None)
                 continue
             mb, x = item
             ctx = contextlib.nullcontext() if grad else torch.no_grad()
             with ctx, self.autocast:
-                logp, ent = token_logps(self.model, mb, self.cfg.temperature, self.cfg.use_fused_loss, self.sharded)
-            logp, ent = logp.float(), ent.float()
+                logp, ent = self._logps(self.model, mb)
             logps.append(logp.detach())
             if not grad:
                 continue
             ref = None
             if self.ref_model is not None:
                 with torch.no_grad(), self.autocast:
-                    ref = token_logps(self.ref_model, mb, self.cfg.temperature, self.cfg.use_fused_loss, False)[0].float()
+                    ref = self._logps(self.ref_model, mb)[0]
             o = old[k] if old is not None else logp.detach()  # one update per batch: pi_old = pi_theta exactly
             loss, m = policy_loss(logp, self.est, advantages=x["adv"], old_logp=o, offline=x["offline"],
                                   seq_ids=x["seq_ids"], weight=x["weight"].to(logp.dtype), entropy=ent,
@@ -552,10 +562,7 @@ class Trainer:
             from fastupg.rollout.vllm import iter_full_state
             self.engine.wake_up(tags=["weights"])
             self.engine.sync_weights(iter_full_state(self.model))
-            if self.sharded:
-                self.gen_model.load_state_dict(D.full_state_dict(self.model, info, cpu=False))  # the eval copy
-        elif self.sharded:  # the rollout copy gets the new weights
-            self.engine.sync_weights(D.full_state_dict(self.model, info, cpu=False).items())
+        # the HF engine generates with self.model itself: nothing to sync, no full state dict per step
         dt = time.perf_counter() - t0
 
         # -- metrics, reduced over ranks ------------------------------------------------------------

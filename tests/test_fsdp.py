@@ -71,3 +71,124 @@ def test_two_rank_gloo_matches_single_process(tmp_path):
         torch.testing.assert_close(got["sd"][k], v, rtol=1e-5, atol=1e-7, msg=lambda m: f"{k}: {m}")
         moved = max(moved, float((v - init[k]).abs().max()))
     assert moved > 1e-4, "nothing trained: the comparison would be vacuous"
+
+
+# -- HPT with rollouts, two policy updates per batch (clipping), a reference model (KL), sharded ----------------------
+class PerPromptEngine:
+    """The trainer's own HF engine, one seeded generate call per prompt: the rollouts of a prompt depend on the
+    prompt and the weights only, not on which rank or batch it lands in, so one process and two ranks see the same
+    rollouts and their steps can be compared exactly."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def generate(self, prompts, sampling):
+        import dataclasses
+        out = []
+        for p in prompts:
+            seed = sum((i + 1) * t for i, t in enumerate(p)) % 100_003
+            out += self.inner.generate([p], dataclasses.replace(sampling, seed=seed))
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def _parity(texts, golds):
+    return [float(len(t) % 2) for t in texts]
+
+
+def _hpt_cfg(out, bs, **kw):
+    base = dict(loss_type="hpt", hpt_mode="switch", num_generations=2, num_iterations=2, beta=0.05,
+                learning_rate=0.05)
+    base.update(kw)
+    return _cfg(out, bs, **base)
+
+
+def _hpt_trainer(cfg, info):
+    from fastupg import trainer as T
+    tr = T.Trainer(cfg, info)
+    tr.engine = PerPromptEngine(tr.engine)
+    tr.score = _parity
+    return tr
+
+
+def _hpt_worker(rank, world, port, out, result):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from fastupg import distributed as D
+    info = D.init("cpu")
+    try:
+        tr = _hpt_trainer(_hpt_cfg(out, 4), info)
+        assert tr.sharded and type(tr.ref_model).__name__.startswith("FSDP")   # the reference is sharded too
+        assert tr.gen_model is tr.model                                          # no second copy for generation
+        ms = [tr.train_step() for _ in range(2)]
+        sd = D.full_state_dict(tr.model, info)
+        if rank == 0:
+            torch.save({"metrics": ms, "sd": sd}, result)
+    finally:
+        D.shutdown()
+
+
+def test_two_rank_hpt_rollouts_clipping_kl_matches_single_process(tmp_path):
+    from fastupg import distributed as D
+    from fastupg import trainer as T
+    T.resolve_paths(_hpt_cfg(tmp_path, 8), D.DistInfo())
+    result = tmp_path / "fsdp.pt"
+    mp.spawn(_hpt_worker, args=(2, _free_port(), str(tmp_path / "fsdp"), str(result)), nprocs=2, join=True)
+    got = torch.load(result, weights_only=False)
+
+    tr = _hpt_trainer(_hpt_cfg(tmp_path / "single", 8), D.DistInfo())
+    ms = [tr.train_step() for _ in range(2)]
+    # the run exercises what it claims: RL and SFT rows, clipped tokens in the second update, a non-zero KL
+    assert any(0 < m["hpt/sft_fraction"] < 1 for m in ms), [m["hpt/sft_fraction"] for m in ms]
+    assert any(m["clip_ratio/low_mean"] + m["clip_ratio/high_mean"] > 0 for m in ms)
+    assert ms[-1]["kl"] > 0
+    for key in ("loss", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "reward"):
+        torch.testing.assert_close(torch.tensor([m[key] for m in got["metrics"]]), torch.tensor([m[key] for m in ms]),
+                                   rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    ref = {k: v.detach() for k, v in tr.model.state_dict().items()}
+    assert set(ref) == set(got["sd"])
+    for k, v in ref.items():
+        torch.testing.assert_close(got["sd"][k], v, rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+# -- sharded optimizer state: save and resume exactly --------------------------------------------------------------
+def _resume_worker(rank, world, port, out, result):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from fastupg import distributed as D
+    from fastupg import trainer as T
+    info = D.init("cpu")
+    try:
+        kw = dict(loss_type="grpo", num_generations=2, max_completion_length=12, learning_rate=0.01, max_grad_norm=1.0,
+                  adam_epsilon=1e-8, report_to=("jsonl",))
+        T.Trainer(_cfg(Path(out) / "full", 4, max_steps=3, **kw), info).fit()
+        T.Trainer(_cfg(Path(out) / "split", 4, max_steps=2, **kw), info).fit()          # saves checkpoint-2
+        opt_dir = Path(out) / "split" / "checkpoint-2" / "optimizer"
+        tr = T.Trainer(_cfg(Path(out) / "split", 4, max_steps=3, resume=True, **kw), info)
+        tr.fit()
+        full = T.Trainer(_cfg(Path(out) / "full", 4, max_steps=3, resume=True, **kw), info)  # loads checkpoint-3
+        a = D.full_state_dict(full.model, info)
+        b = D.full_state_dict(tr.model, info)
+        if rank == 0:
+            torch.save({"a": a, "b": b, "opt_files": sorted(p.name for p in opt_dir.iterdir()),
+                        "losses": [r["loss"] for r in tr.logger.history],
+                        "full_losses": [r["loss"] for r in full.logger.history]}, result)
+    finally:
+        D.shutdown()
+
+
+def test_two_rank_sharded_optimizer_resume_is_exact(tmp_path):
+    from fastupg import distributed as D
+    from fastupg import trainer as T
+    T.resolve_paths(_cfg(tmp_path, 8), D.DistInfo())
+    result = tmp_path / "resume.pt"
+    mp.spawn(_resume_worker, args=(2, _free_port(), str(tmp_path), str(result)), nprocs=2, join=True)
+    got = torch.load(result, weights_only=False)
+    assert any(f.endswith(".distcp") for f in got["opt_files"]), got["opt_files"]   # per-rank shard files
+    assert got["losses"] == got["full_losses"]
+    for k, v in got["a"].items():
+        torch.testing.assert_close(got["b"][k], v, rtol=0, atol=0, msg=lambda m: f"{k}: {m}")

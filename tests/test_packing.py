@@ -73,3 +73,37 @@ def test_no_attention_across_packed_rows():
     second = torch.arange(18) >= 9
     torch.testing.assert_close(other[second], base[second])     # row 1 cannot see row 0
     assert not torch.allclose(other[~second], base[~second])    # but row 0 itself did change
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_through_the_trainer_path_do_not_attend_across_rows(attn):
+    """The trainer's loss path (hf_loss, hidden states of response positions only) on a packed micro-batch equals
+    each row run alone, for sdpa and eager. transformers builds the block-diagonal mask from the restarting
+    position_ids (masking_utils.find_packed_sequence_indices, since 4.53.1: the lower bound in pyproject.toml);
+    before that, sdpa ran one causal mask over the whole packed row and this test fails (checked below by
+    running the same packed tokens with positions that do not restart: rows then see each other)."""
+    from fastupg.trainer import token_logps
+    model = _micro_model()
+    model.config._attn_implementation = attn
+    g = torch.Generator().manual_seed(3)
+    V = model.config.vocab_size
+    rows = [torch.randint(7, V, (int(n),), generator=g).tolist() for n in (11, 7, 14)]
+    starts = [3, 2, 5]
+    mb = collate(rows, starts, [0, 1, 2])
+    with torch.no_grad():
+        lp, ent = token_logps(model, mb, temperature=0.8)
+        sel = mb.row_index[mb.loss_mask]
+        for i in range(3):
+            alone, ent_alone = token_logps(model, collate(rows, starts, [i]), temperature=0.8)
+            torch.testing.assert_close(lp[sel == i], alone, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ent[sel == i], ent_alone, rtol=1e-5, atol=1e-5)
+        # what older transformers did with packed rows: one causal mask over the whole row (forced here with an
+        # all-ones 2-D attention_mask, which turns the packed-sequence detection off). Row 0 is unchanged, the
+        # later rows see the earlier ones and their log-probs move: the comparison above would fail.
+        from fastupg.models.hf_loss import causal_lm_logprobs
+        lp_cross = causal_lm_logprobs(model, mb.input_ids, mb.targets[None], position_ids=mb.position_ids,
+                                      attention_mask=torch.ones_like(mb.input_ids), temperature=0.8,
+                                      select=mb.loss_mask[None], impl="chunked")
+    torch.testing.assert_close(lp_cross[sel == 0], lp[sel == 0], rtol=1e-5, atol=1e-5)
+    for i in (1, 2):
+        assert not torch.allclose(lp_cross[sel == i], lp[sel == i], atol=1e-3)

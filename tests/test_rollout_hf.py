@@ -117,3 +117,22 @@ def test_bad_inputs(tok, model):
     with pytest.raises(ValueError):
         HFRolloutEngine(model, tok, max_batch_size=0)
     assert eng.generate([], SamplingConfig(n=2)) == []
+
+
+def test_no_generation_logits_are_kept(tok, model, monkeypatch):
+    """generate is asked for no per-step logits (they would be sequences x steps x vocab floats); the log-probs
+    come from one step's slab at a time and still match a forward pass."""
+    seen = []
+    real = model.generate
+
+    def spy(*a, **k):
+        res = real(*a, **k)
+        seen.append((k["generation_config"].output_logits, getattr(res, "logits", None)))
+        return res
+    monkeypatch.setattr(model, "generate", spy)
+    p = _prompts(tok, ["What is 2+2?"])
+    out = HFRolloutEngine(model, tok).generate(p, SamplingConfig(n=2, temperature=0.7, max_new_tokens=8, seed=4))
+    assert seen and all(not flag and logits is None for flag, logits in seen)
+    for r in out[0]:
+        torch.testing.assert_close(torch.tensor(r.logprobs), _recompute(model, p[0], r.completion_ids, 0.7),
+                                   rtol=0, atol=1e-4)

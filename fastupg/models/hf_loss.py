@@ -19,15 +19,16 @@ FSDP2 (`torch.distributed.fsdp.fully_shard`). Two things differ from a plain `mo
   2. If the lm_head weight is still a DTensor there (lm_head wrapped as its own FSDP unit, whose forward we never
      call), it is gathered once per call with `weight.full_tensor()` INSIDE the autograd graph: the all-gather's
      backward is a reduce-scatter, so the gradient lands back on the shards.
-The FSDP path is written from the FSDP2 API contract and has not been run (no multi-GPU machine here); the
-non-distributed path is tested against `model(...).logits` in tests/test_hf_loss.py.
+The trainer computes every per-token log-prob through `causal_lm_logprobs` (sharded or not); the FSDP2 path is
+tested on CPU with two gloo ranks against one process (tests/test_fsdp.py), the non-distributed path against
+`model(...).logits` in tests/test_hf_loss.py.
 """
 from __future__ import annotations
 
 import torch
 
 from fastupg.estimator import Estimator
-from fastupg.kernels.fused_linear import fused_linear_logprobs, fused_linear_policy_loss
+from fastupg.kernels.fused_linear import DEFAULT_CHUNK_BYTES, fused_linear_logprobs, fused_linear_policy_loss
 
 _UNSUPPORTED_CONFIG = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 _FSDP_METHOD = "_fastupg_fused_forward"
@@ -118,14 +119,33 @@ def causal_lm_policy_loss(model, input_ids, targets, estimator: Estimator, *, po
 
 
 def causal_lm_logprobs(model, input_ids, targets, *, position_ids=None, attention_mask=None, temperature=1.0,
-                       return_entropy=False, impl=None, model_kwargs=None):
+                       return_entropy=False, impl=None, model_kwargs=None, select=None,
+                       chunk_bytes=DEFAULT_CHUNK_BYTES):
     """Per-token log pi(targets) (B, T) (and entropy) at `temperature`, without the logits. Differentiable when grad
-    is enabled; wrap in torch.no_grad() for behaviour (old) or reference log-probs."""
+    is enabled; wrap in torch.no_grad() for behaviour (old) or reference log-probs.
+
+    select: optional bool mask shaped like input_ids. Only the selected positions' hidden states go through the head
+    (prompt tokens never do), and the result is flat, (select.sum(),), in row-major order of the selected positions.
+    impl / chunk_bytes: those of fused_linear_logprobs ("chunked" keeps at most one chunk of logits alive).
+    """
+    if select is not None:
+        if not isinstance(select, torch.Tensor) or select.dtype != torch.bool:
+            raise TypeError("select must be a bool tensor shaped like input_ids")
+        if select.shape != input_ids.shape:
+            raise ValueError(f"select has shape {tuple(select.shape)}, input_ids {tuple(input_ids.shape)}")
+        if targets.shape not in (input_ids.shape, (int(select.sum()),)):
+            raise ValueError(f"targets must be shaped like input_ids {tuple(input_ids.shape)} or be the selected "
+                             f"targets ({int(select.sum())},), got {tuple(targets.shape)}")
 
     def run():
         h, w, b = causal_lm_hidden_and_head(model, input_ids, position_ids=position_ids,
                                             attention_mask=attention_mask, model_kwargs=model_kwargs)
-        return fused_linear_logprobs(h, w, targets, temperature, return_entropy=return_entropy, bias=b, impl=impl)
+        tgt = targets
+        if select is not None:
+            h = h[select]
+            tgt = targets[select] if targets.shape == select.shape else targets
+        return fused_linear_logprobs(h, w, tgt, temperature, return_entropy=return_entropy, bias=b, impl=impl,
+                                     chunk_bytes=chunk_bytes)
 
     return _call(model, run)
 

@@ -28,7 +28,11 @@ class HFRolloutEngine:
     """Batched sampling with ``model.generate`` (left padding, KV cache).
 
     max_batch_size: most sequences (prompts x n) per ``generate`` call; bounds the memory of
-    the KV cache and of the kept logits (sequences x new tokens x vocab floats). None: all at once.
+    the KV cache. No logits are kept: the log-prob of each sampled token is read from one
+    (sequences x vocab) slab per step. None: all at once.
+
+    The model may be the trainer's FSDP2-sharded model: its shards are gathered once per call
+    (fastupg.distributed.gathered), so no unsharded copy of the weights outlives the call.
     A seeded call is reproducible for a given max_batch_size; another chunking draws another
     (equally valid) random stream.
     """
@@ -70,9 +74,10 @@ class HFRolloutEngine:
         was_training = self.model.training
         rng = (torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
                if sampling.seed is not None else contextlib.nullcontext())
+        from fastupg.distributed import gathered
         try:
             self.model.eval()
-            with rng, torch.no_grad():
+            with rng, torch.no_grad(), gathered(self.model):
                 if sampling.seed is not None:
                     torch.manual_seed(sampling.seed)
                 for s in range(0, len(flat), chunk):
@@ -115,22 +120,25 @@ class HFRolloutEngine:
             ids[r, width - len(p):] = torch.tensor(p)
             mask[r, width - len(p):] = 1
         stop = list(dict.fromkeys(self.eos_token_ids + tuple(sampling.stop_token_ids)))
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+        # the recorder sees the raw logits first; temperature / top-k / top-p are applied after it, by us
+        rec = _SampledLogprobs(sampling.temperature)
+        procs = [rec]
+        if sampling.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(sampling.temperature))
+        if sampling.top_k > 0:
+            procs.append(TopKLogitsWarper(sampling.top_k))
+        if sampling.top_p < 1.0:
+            procs.append(TopPLogitsWarper(sampling.top_p))
         gen_cfg = GenerationConfig(
-            do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
-            top_k=sampling.top_k if sampling.top_k > 0 else 0,   # 0 disables HF's top-k warper
+            do_sample=True, temperature=1.0, top_p=1.0, top_k=0,   # the warpers are in procs
             max_new_tokens=sampling.max_new_tokens, eos_token_id=stop, pad_token_id=self.pad_token_id,
-            return_dict_in_generate=True, output_logits=True, use_cache=True,
+            return_dict_in_generate=True, use_cache=True,
         )
         res = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                  generation_config=gen_cfg)
+                                  generation_config=gen_cfg, logits_processor=LogitsProcessorList(procs))
         new = res.sequences[:, width:].cpu()                # [B, S]
-        # raw (unprocessed) logits of every step -> log_softmax(z / T) of the sampled token,
-        # one step at a time so only one [B, V] float32 slab exists beyond what generate kept
-        lp = torch.stack([
-            torch.log_softmax(z.float() / sampling.temperature, dim=-1)
-            .gather(-1, new[:, t:t + 1].to(z.device)).squeeze(-1).cpu()
-            for t, z in enumerate(res.logits)
-        ], dim=1) if new.shape[1] else torch.zeros(new.shape)
+        lp = rec.finish(res.sequences[:, width:], new.shape)
         is_stop = torch.isin(new, torch.tensor(stop))
         rollouts = []
         for r, p in enumerate(prompts):
@@ -141,6 +149,30 @@ class HFRolloutEngine:
             rollouts.append(Rollout(prompt_ids=list(p), completion_ids=comp, logprobs=lp[r, :end].tolist(),
                                     truncated=not len(hits), text=text))
         return rollouts
+
+
+class _SampledLogprobs:
+    """A logits processor that records log_softmax(z_t / T)[y_t] of the token sampled at each step from the raw
+    logits z_t, keeping one (sequences x vocab) slab: step t's log-softmax is read when step t + 1 shows the
+    sampled token (and by finish() for the last step). Replaces generate's output_logits, which kept all steps."""
+
+    def __init__(self, temperature: float):
+        self.temperature = float(temperature)
+        self.prev = None
+        self.out: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        if self.prev is not None:
+            self.out.append(self.prev.gather(-1, input_ids[:, -1:]).squeeze(-1).cpu())
+        self.prev = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor, shape) -> torch.Tensor:
+        if self.prev is not None and len(self.out) < new_tokens.shape[1]:
+            tok = new_tokens[:, len(self.out):len(self.out) + 1].to(self.prev.device)
+            self.out.append(self.prev.gather(-1, tok).squeeze(-1).cpu())
+        self.prev = None
+        return torch.stack(self.out, dim=1) if self.out else torch.zeros(shape)
 
 
 def _first_not_none(*xs):
