@@ -30,7 +30,7 @@ from .data.prompts import LUFFY_SYSTEM_PROMPT, QWEN_MATH_SYSTEM_PROMPT, PromptCo
 from .rewards.math import math_rewards
 from .rollout.base import SamplingConfig
 
-__all__ = ["add_eval_args", "run_eval", "default_k", "render_markdown"]
+__all__ = ["add_eval_args", "check_args", "run_eval", "default_k", "render_markdown"]
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,12 @@ class _Bench:
     examples: list[Example]
 
 
-def _check_args(args) -> None:
+def check_args(args) -> None:
+    """Every argument check that needs no model or data loaded (ValueError naming the option)."""
+    from .config import check_data_path, check_model_path
+    check_model_path("--model", args.model)
+    for d in args.data:
+        check_data_path("--data", d)
     if args.k is not None and args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     if not args.temperature > 0:
@@ -94,6 +99,13 @@ def _check_args(args) -> None:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.engine == "vllm":
+        from .cli import importable
+        if not importable("vllm"):
+            raise ValueError("--engine vllm but vLLM is not importable: pip install -e '.[vllm]', or --engine hf")
+
+
+_check_args = check_args  # the old private name
 
 
 def _load_benchmarks(args, tokenizer) -> list[_Bench]:
@@ -170,7 +182,7 @@ def run_eval(args) -> dict:
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    _check_args(args)
+    check_args(args)
     out_dir = Path(args.out)
     (out_dir / "responses").mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
