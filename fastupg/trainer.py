@@ -219,7 +219,7 @@ class Rows:
 
 
 def advantages(est, reward, group, offline) -> torch.Tensor:
-    """Per-row advantage from each branch's `advantage` choice (DESIGN.md §1.1)."""
+    """Per-row advantage from each branch's `advantage` choice (docs/math.md §1.2)."""
     A = torch.ones_like(reward)
     on = ~offline
     std = est.adv_std
@@ -668,6 +668,8 @@ class Trainer:
             if plot:
                 self.log(f"[fastupg] plot: {plot}")
             self.log(f"[fastupg] metrics: {Path(cfg.output_dir) / 'metrics.jsonl'}")
+            if self.paths.eval_file:  # what `fastupg eval --data` takes for this run's held-out split
+                self.log(f"[fastupg] held-out data: {self.paths.eval_file}")
         return {"final_checkpoint": str(final) if final else str(ckpt.latest_checkpoint(cfg.output_dir)),
                 "plot": str(plot) if plot else None, "metrics": last, "history": self.logger.history,
                 "step": self.step}

@@ -77,7 +77,7 @@ def test_dashed_overrides_are_overrides():
 def model_dir(tmp_path):
     d = tmp_path / "model"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    (d / "config.json").write_text(json.dumps({"model_type": "qwen2", "max_position_embeddings": 512}))
     return str(d)
 
 
@@ -88,6 +88,7 @@ def model_dir(tmp_path):
     (["--limit", "0"], ["--limit"]),
     (["--data", "/nonexistent/MATH-500.json"], ["--data", "no such file"]),
     (["--k", "two"], ["--k", "invalid int"]),                      # argparse's own error: one line too
+    (["--max-new-tokens", "8192"], ["--max-new-tokens", "max_position_embeddings=512"]),  # the demo model
 ])
 def test_eval_errors(capsys, monkeypatch, model_dir, extra, needles):
     import fastupg.evaluate as E

@@ -1,4 +1,4 @@
-"""Rule-based 0/1 verifier for math answers (DESIGN.md §1.3).
+"""Rule-based 0/1 verifier for math answers (docs/math.md §3).
 
     math_reward(response, gold, timeout_s=5.0) -> 1.0 | 0.0
     math_rewards(responses, golds, timeout_s=5.0, num_workers=None) -> list[float]
