@@ -105,6 +105,12 @@ def preflight(cfg, config_given: bool) -> None:
     for i, sc in enumerate(cfg.stage_configs()):
         where = f"stages[{i}]." if cfg.stages else ""
         check_model_path(where + "model", sc.model)
+        if sc.model != "embedded" and sc.train_file is None:
+            raise ValueError(f"{where}model={sc.model!r} needs train_file= (prompts with answers and, for SFT/HPT, "
+                             f"demonstrations); only model=embedded brings its own data")
+        if sc.model != "embedded" and sc.eval_steps and sc.eval_file is None:
+            raise ValueError(f"{where}eval_steps={sc.eval_steps} asks for held-out evaluation but eval_file is not "
+                             f"set: give eval_file=..., or eval_steps=0")
         check_data_path(where + "train_file", sc.train_file)
         check_data_path(where + "eval_file", sc.eval_file)
         if sc.rollout_engine == "vllm" and not importable("vllm"):

@@ -157,6 +157,8 @@ class TrainConfig:
                 _one_of(k, getattr(self, k), AGGS)
         for r in self.report_to:
             _one_of("report_to", r, REPORT_TO)
+        if not self.output_dir.strip():  # Path("") is the current directory: a run would write into it
+            raise ValueError("output_dir must not be empty")
         if self.embedded_mix:
             from fastupg.task import ArithConfig
             try:
@@ -466,6 +468,12 @@ def load_config(path: str | Path | None = None, overrides=(), **kwargs) -> Train
         if not isinstance(loaded, dict):
             raise ValueError(f"--config {str(path)!r}: top level must be a mapping of keys, got {type(loaded).__name__}")
         data.update(loaded)
-    data.update(parse_overrides(overrides))
-    data.update(kwargs)
-    return TrainConfig(**_coerce_all(data))
+    given = {**parse_overrides(overrides), **kwargs}
+    data.update(given)
+    cfg = TrainConfig(**_coerce_all(data))
+    if cfg.stages:  # an override of a key that every stage sets itself would be silently ignored
+        for k in given:
+            if k != "stages" and all(k in st for st in cfg.stages):
+                raise ValueError(f"{k}={given[k]!r} has no effect: every stage of this recipe sets its own {k} "
+                                 f"(stages[i].{k}); change it in the recipe's stages")
+    return cfg

@@ -360,13 +360,13 @@ class Trainer:
         resume = ckpt.resolve_resume(cfg.resume, cfg.output_dir)
         for line in ckpt.check_resume(cfg, resume, lr_lambda):
             self.log(line)
-        if cfg.resume is not False and resume is None:
-            self.log(f"[fastupg] resume: no complete checkpoint in {cfg.output_dir} yet; starting fresh")
-        self.resume_from = resume
         embedded = cfg.model == "embedded" if embedded_base is None else embedded_base
         base_cfg = cfg if cfg.model == "embedded" or not embedded else _embedded_cfg(cfg)
         self.paths = resolve_paths(base_cfg, info)
         start_from = self.paths.model if cfg.model == "embedded" or not embedded else cfg.model
+        if cfg.resume is not False and resume is None:
+            self.log(f"[fastupg] resume: no complete checkpoint in {cfg.output_dir} yet; starting fresh")
+        self.resume_from = resume
         # seeds before any random init; each rank samples its own stream
         random.seed(cfg.seed + info.rank)
         torch.manual_seed(cfg.seed + info.rank)

@@ -395,4 +395,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ValueError as e:  # a bad argument: one line and exit 2, like the fastupg CLI
+        print(f"reproduce.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -49,6 +49,13 @@ def _one_line_exit_2(capsys, argv, *needles):
     (["train", "max_steps=5"], ["--config"]),
     (["train", "--config", DEMO, "--bogus"], ["--bogus"]),
     (["train", "--config", DEMO, "resume=true", "overwrite_output_dir=true"], ["contradict"]),
+    # found while hunting for more of the same kind:
+    (["train", "--config", DEMO, "output_dir=''"], ["output_dir", "empty"]),        # would write into the cwd
+    (["train", "--config", str(REPO / "configs" / "sft-then-grpo.yaml"), "max_steps=5"],
+     ["max_steps", "every stage"]),                                                  # was silently ignored
+    (["train", "--config", DEMO, "model=Qwen/Qwen2.5-Math-7B"], ["train_file"]),    # was a traceback after D.init
+    (["train", "--config", str(REPO / "configs" / "grpo.yaml"), "model=Qwen/Qwen2.5-Math-7B", "train_file=openr1"],
+     ["eval_steps", "eval_file"]),                                                   # was no evaluation at all
 ])
 def test_train_errors(capsys, tripwires, argv, needles):
     _one_line_exit_2(capsys, argv, *needles)

@@ -115,3 +115,10 @@ def test_a_result_from_other_settings_is_never_reused(tmp_path, monkeypatch):
     assert trained == [3] and again == json.loads((out / "result.json").read_text())
     rp.run_one("hpt", 0, rp.Budget(steps=4, group=2, prompts_per_step=1), out)   # other budget: trained again
     assert trained == [3, 4]
+
+
+def test_bad_argument_from_the_command_line_is_one_line_exit_2():
+    import subprocess
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce.py"), "--methods", "hpt,ppo", "--quick"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--methods" in r.stderr
