@@ -1,5 +1,5 @@
 """Fused-linear policy loss: time and peak memory against PyTorch eager, torch.compile, Liger-Kernel, Cut
-Cross-Entropy and the cuBLAS roofline (DESIGN.md §3).
+Cross-Entropy and the cuBLAS roofline (goals and results: benchmarks/RESULTS.md).
 
     python benchmarks/bench_fused_linear.py                       # GPU: N in {8k, 32k, 128k}, D in {1536, 3584}
     python benchmarks/bench_fused_linear.py --quick               # CPU smoke run: tiny sizes, torch paths only
@@ -271,7 +271,7 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (advantage granularity)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--csv", default="benchmarks/bench_fused_linear.csv")
+    ap.add_argument("--csv", default=None, help="also write the rows to this CSV file (default: print only)")
     ap.add_argument("--quick", action="store_true", help="tiny CPU smoke run (torch paths only)")
     a = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not a.quick

@@ -1,4 +1,4 @@
-"""Benchmark of the logits-input kernels (DESIGN.md §3, "logits-input fused kernel" row).
+"""Benchmark of the logits-input kernels (goals and measured results: benchmarks/RESULTS.md).
 
 Compares, fwd+bwd, at [8, 1024, 151936] and [4, 8192, 151936] bf16:
   token_logprobs (fastupg Triton)  vs  PyTorch eager log_softmax+gather  vs  torch.compile of the same

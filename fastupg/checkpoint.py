@@ -19,6 +19,7 @@ one `save_steps` interval.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -99,8 +100,100 @@ def resolve_resume(resume, output_dir) -> Path | None:
         return latest_checkpoint(output_dir)
     p = Path(resume)
     if not (p / MARKER).is_file():
-        raise ValueError(f"resume={str(resume)!r} is not a complete checkpoint (no {MARKER} file)")
+        what = "no such folder" if not p.exists() else f"no {MARKER} file in it"
+        raise ValueError(f"resume={str(resume)!r} is not a complete checkpoint ({what}); use resume=true "
+                         f"(the latest in output_dir), resume=false, or a checkpoint-N folder")
+    later = [q.name for n, q in list_checkpoints(output_dir) if n > checkpoint_step(p)]
+    if later and p.resolve().parent == Path(output_dir).resolve():
+        raise ValueError(f"resume={str(resume)!r}: output_dir also holds later checkpoints ({', '.join(later)}) "
+                         f"of the run being rewound, which would be mixed with this run's; delete them or "
+                         f"set output_dir to a new folder")
     return p
+
+
+def checkpoint_step(path) -> int:
+    m = _NAME.match(Path(path).name)
+    if m:
+        return int(m.group(1))
+    try:
+        return int(json.loads((Path(path) / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+# -- output_dir: a new run never mixes with a previous one ----------------------------------------------
+_RUN_FILES = ("metrics.jsonl", "tensorboard", "run.png", "wandb")
+_RUN_DIRS = re.compile(r"^(\.tmp-|\.old-)?checkpoint-\d+$|^stage-\d+$")
+
+
+def previous_run(output_dir) -> list[Path]:
+    """What a previous fastupg run wrote into output_dir (other files, e.g. a config.yaml, are not counted)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name in _RUN_FILES or _RUN_DIRS.match(p.name))
+
+
+def check_output_dir(output_dir, resume, overwrite: bool) -> None:
+    """Before any work: a run into a folder holding a previous run must say what to do with it."""
+    if resume is not False or overwrite:
+        return
+    prev = previous_run(output_dir)
+    if prev:
+        names = ", ".join(p.name for p in prev[:4]) + (", ..." if len(prev) > 4 else "")
+        raise ValueError(f"output_dir={str(output_dir)!r} already holds a previous run ({names}): continue it "
+                         f"with resume=true, replace it with overwrite_output_dir=true, or choose another output_dir")
+
+
+def prepare_output_dir(output_dir, resume, overwrite: bool, info: D.DistInfo) -> None:
+    """check_output_dir, then (overwrite_output_dir=true) rank 0 deletes the previous run's files."""
+    check_output_dir(output_dir, resume, overwrite)
+    if overwrite and info.is_main:
+        for p in previous_run(output_dir):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if overwrite:
+        D.barrier(info)
+
+
+# -- resume: the run continues, or says loudly what changed --------------------------------------------
+SCHEDULE_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "min_lr_ratio", "max_steps")
+_NOT_SETTINGS = ("resume", "overwrite_output_dir", "output_dir", "progress_bar", "plot")
+
+
+def check_resume(cfg, path, lr_lambda) -> list[str]:
+    """Compare the run about to resume from `path` with the run that wrote it (its trainer_state.json).
+    Raises ValueError where continuing would silently do something else (a changed learning-rate schedule,
+    a checkpoint past max_steps); returns the lines to print (every other changed setting)."""
+    if path is None:
+        return []
+    try:
+        saved = json.loads((Path(path) / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return [f"[fastupg] resume: {path} has no readable trainer_state.json; settings not compared"]
+    step, old = int(saved.get("step", checkpoint_step(path))), saved.get("config")
+    if step > cfg.max_steps:
+        raise ValueError(f"resume: {path} is at step {step}, past max_steps={cfg.max_steps}")
+    notes = []
+    if isinstance(old, dict):
+        import dataclasses
+        from fastupg.config import _coerce
+        new = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as saved
+        changed = [k for k in new if k in old and k not in _NOT_SETTINGS and old[k] != new[k]]
+        if changed:
+            notes.append(f"[fastupg] resume: settings changed since {path}: "
+                         + ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in changed))
+        prev = dataclasses.replace(cfg, **{k: _coerce(k, old[k]) for k in SCHEDULE_KEYS if k in old})
+        f_new, f_old = lr_lambda(cfg), lr_lambda(prev)
+        for s in range(step, min(cfg.max_steps, prev.max_steps)):
+            a, b = prev.learning_rate * f_old(s), cfg.learning_rate * f_new(s)
+            if not math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0):
+                keys = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in SCHEDULE_KEYS if k in changed)
+                raise ValueError(f"resume: the learning-rate schedule differs from {path}'s ({keys}): step {s + 1} "
+                                 f"would train at {b:.3g} instead of {a:.3g}; resume with the checkpoint's settings, "
+                                 f"or start a new run (another output_dir) from its weights")
+    if step == cfg.max_steps:
+        notes.append(f"[fastupg] resume: {path} is already at max_steps={cfg.max_steps}: nothing left to train")
+    return notes
 
 
 def save_checkpoint(output_dir, step: int, model, tokenizer, optimizer, scheduler, state: dict,
@@ -133,6 +226,8 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, optimizer, schedule
                     "scheduler": scheduler.state_dict(), "state": state,
                     "world_size": info.world_size}, tmp / "trainer_state.pt")
         summary = {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool))}
+        if isinstance(state.get("config"), dict):  # read back by check_resume before anything is loaded
+            summary["config"] = state["config"]
         (tmp / "trainer_state.json").write_text(json.dumps({**summary, "time": time.time()}, indent=2))
         _fsync_tree(tmp)
         (tmp / MARKER).write_text("ok\n")
@@ -150,8 +245,9 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, optimizer, schedule
             os.fsync(fd)
         finally:
             os.close(fd)
-        if save_total_limit:
-            for _, old in list_checkpoints(root)[:-save_total_limit]:
+        if save_total_limit:  # the checkpoint just written is always kept, whatever else ranks higher
+            others = [p for _, p in list_checkpoints(root) if p != final]
+            for old in others[:max(0, len(others) - (save_total_limit - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
     D.barrier(info)
     return final if info.is_main else None

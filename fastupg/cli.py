@@ -8,7 +8,10 @@
     python -m fastupg plan --config configs/qwen2.5-math-7b-hpt.yaml [--gpus 8 --gpu-gb 80] [key=value ...]
 
 `train` parses and validates the whole configuration (unknown keys, wrong types, impossible
-combinations) before anything is loaded or launched; `--print-config` shows the result and exits.
+combinations), then `preflight` checks what needs the file system (model folder, data files, an
+output_dir holding a previous run, the resume checkpoint, vLLM importable), all before anything is
+loaded or launched; `--print-config` shows the result and exits. Every CLI error is one line on stderr
+and exit code 2.
 """
 from __future__ import annotations
 
@@ -24,13 +27,21 @@ REPO = Path(__file__).resolve().parent.parent
 BENCHES = {"logits": "bench_logits.py", "fused_linear": "bench_fused_linear.py", "long_context": "bench_long_context.py"}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is ONE line on stderr (and exit 2), like every other CLI error here."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastupg", description="Unified policy-gradient estimator and HPT trainer")
+    p = _Parser(prog="fastupg", description="Unified policy-gradient estimator and HPT trainer")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train with a YAML recipe plus key=value overrides")
-    t.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml)")
+    t.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml); required to train")
     t.add_argument("--print-config", action="store_true", help="print the validated configuration and exit")
-    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (fastupg/config.py names)")
+    t.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides (fastupg/config.py names); --key=value and --key value work too")
     d = sub.add_parser("data", help="dry run of the data: load, render and tokenize as `train` would, print "
                        "the columns found, the usable rows and the rows dropped per reason (exit 2: none usable)")
     d.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml)")
@@ -46,16 +57,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_TRAIN_OPTIONS = ("--config", "--print-config", "-h", "--help")
+
+
+def _train_argv(argv: Sequence[str]) -> list[str]:
+    """`--max_steps=5` and `--max_steps 5` mean `max_steps=5` (HF/TRL users type them that way)."""
+    argv, out, i = list(argv), [], 0
+    while i < len(argv):
+        a = argv[i]
+        name = a.split("=", 1)[0]
+        if not a.startswith("--") or name in _TRAIN_OPTIONS:
+            out.append(a)
+            if a == "--config" and i + 1 < len(argv):  # its value is the next word
+                out.append(argv[i + 1])
+                i += 1
+        elif "=" in a:
+            out.append(a[2:])
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out.append(f"{a[2:]}={argv[i + 1]}")
+            i += 1
+        else:
+            out.append(a)               # a lone --flag: argparse names it
+        i += 1
+    return out
+
+
 def parse_train(argv: Sequence[str]):
     """`train` arguments -> (validated TrainConfig, print_config flag). Raises ValueError/TypeError."""
     from fastupg.config import load_config
-    args = build_parser().parse_args(["train", *argv])
+    args = parse_args(["train", *argv])
     return load_config(args.config, args.overrides), args.print_config
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Like build_parser().parse_args, but `eval`/`bench` hand everything after them to their own parser
-    (argparse's REMAINDER does not capture leading --options)."""
+    (argparse's REMAINDER does not capture leading --options), and `train` takes --key=value overrides."""
     argv = list(argv)
     if argv and argv[0] == "plan":
         args = build_parser().parse_args(["plan"])
@@ -66,7 +102,48 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                                                       and not argv[1].startswith("-") else []))
         args.rest = argv[1 + (args.command == "bench" and len(argv) > 1 and not argv[1].startswith("-")):]
         return args
+    if argv and argv[0] == "train":
+        argv = ["train", *_train_argv(argv[1:])]
     return build_parser().parse_args(argv)
+
+
+def preflight(cfg, config_given: bool) -> None:
+    """Every check that needs the file system or the environment, before anything is loaded or launched.
+    Raises ValueError with one line naming the key."""
+    from fastupg import checkpoint as ckpt
+    from fastupg.config import check_data_path, check_model_path
+    if not config_given:
+        raise ValueError("no --config: name a recipe, e.g. --config configs/demo.yaml (key=value overrides "
+                         "go on top of it; --print-config shows the defaults)")
+    for i, sc in enumerate(cfg.stage_configs()):
+        where = f"stages[{i}]." if cfg.stages else ""
+        check_model_path(where + "model", sc.model)
+        if sc.model != "embedded" and sc.train_file is None:
+            raise ValueError(f"{where}model={sc.model!r} needs train_file= (prompts with answers and, for SFT/HPT, "
+                             f"demonstrations); only model=embedded brings its own data")
+        if sc.model != "embedded" and sc.eval_steps and sc.eval_file is None:
+            raise ValueError(f"{where}eval_steps={sc.eval_steps} asks for held-out evaluation but eval_file is not "
+                             f"set: give eval_file=..., or eval_steps=0")
+        check_data_path(where + "train_file", sc.train_file)
+        check_data_path(where + "eval_file", sc.eval_file)
+        if sc.rollout_engine == "vllm" and not importable("vllm"):
+            raise ValueError(f"{where}rollout_engine='vllm' but vLLM is not importable: pip install -e '.[vllm]' "
+                             f"(on a CUDA machine), or use rollout_engine=hf")
+    ckpt.check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite_output_dir)
+    if not cfg.stages:
+        from fastupg.trainer import lr_lambda
+        ckpt.check_resume(cfg, ckpt.resolve_resume(cfg.resume, cfg.output_dir), lr_lambda)
+
+
+def importable(name: str) -> bool:
+    """True when `import name` can work (without importing it: vLLM takes seconds to import)."""
+    import importlib.util
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fastupg.config import load_config
         try:
             cfg = load_config(args.config, args.overrides)
+            if not args.print_config:
+                preflight(cfg, config_given=args.config is not None)
         except (ValueError, TypeError) as e:
             print(f"fastupg train: invalid configuration: {e}", file=sys.stderr)
             return 2
@@ -105,9 +184,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"fastupg data: {_one_line(e)}", file=sys.stderr)
             return 2
     if args.command == "eval":
-        from fastupg.evaluate import add_eval_args, run_eval  # lazy: pulls in datasets / math-verify
-        ep = add_eval_args(argparse.ArgumentParser(prog="fastupg eval"))
-        run_eval(ep.parse_args(args.rest))
+        from fastupg.evaluate import add_eval_args, check_args, run_eval  # lazy: pulls in datasets / math-verify
+        ep = add_eval_args(_Parser(prog="fastupg eval"))
+        ns = ep.parse_args(args.rest)
+        try:
+            check_args(ns)               # before any model or data is loaded
+            run_eval(ns)
+        except ValueError as e:          # bad data or settings found while loading: still one line
+            print(f"fastupg eval: error: {e}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "plan":
         from fastupg.plan import main as plan_main

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -135,6 +136,9 @@ class TrainConfig:
     plot: bool = True
     progress_bar: bool = True
     resume: bool | str = False          # True: latest complete checkpoint in output_dir; str: that checkpoint
+    overwrite_output_dir: bool = False  # True: delete a previous run's files in output_dir (checkpoint-*, stage-*,
+    #                                     metrics.jsonl, tensorboard/, run.png) and start afresh. Neither this nor
+    #                                     resume: a run into a folder that holds a previous run is refused
     # -- multi-stage recipes (sft-then-grpo) --------------------------------------------------------
     stages: tuple = ()                  # tuple of dicts: per-stage overrides (each with its own max_steps)
 
@@ -155,12 +159,19 @@ class TrainConfig:
         if self.vllm_tensor_parallel_size < 1:
             raise ValueError(f"vllm_tensor_parallel_size must be >= 1, got {self.vllm_tensor_parallel_size}")
         _one_of("torch_dtype", self.torch_dtype, DTYPES)
+        from fastupg.task.tiny import SIZES
+        _one_of("model_size", self.model_size, list(SIZES))  # before anything is built
+        if self.overwrite_output_dir and self.resume is not False:
+            raise ValueError(f"resume={self.resume!r} and overwrite_output_dir=true contradict each other: "
+                             "continue the run in output_dir, or replace it, not both")
         _one_of("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         for k in ("agg", "offline_agg"):
             if getattr(self, k) is not None:
                 _one_of(k, getattr(self, k), AGGS)
         for r in self.report_to:
             _one_of("report_to", r, REPORT_TO)
+        if not self.output_dir.strip():  # Path("") is the current directory: a run would write into it
+            raise ValueError("output_dir must not be empty")
         if self.embedded_mix:
             from fastupg.task import ArithConfig
             try:
@@ -343,6 +354,33 @@ class TrainConfig:
         return d
 
 
+# -- checks that look at the file system (the CLI runs them before any work) ------------------------------
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def check_model_path(key: str, value: str) -> None:
+    """A local model folder must exist and hold config.json; anything else must look like a Hub repo id."""
+    if value == "embedded":
+        return
+    p = Path(value).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ValueError(f"{key}={value!r} is a file; give the model's folder (config.json, weights, tokenizer)")
+        if not (p / "config.json").is_file():
+            raise ValueError(f"{key}={value!r} has no config.json: not a Hugging Face model folder")
+        return
+    if not _REPO_ID.match(value) or value.startswith((".", "~")):
+        raise ValueError(f"{key}={value!r}: no such folder (and not a Hugging Face repo id such as "
+                         f"'Qwen/Qwen2.5-Math-7B')")
+
+
+def check_data_path(key: str, value: str | None) -> None:
+    """A data file named by its suffix must exist (dataset names and folders are left to the loader)."""
+    if value is not None and value.endswith(DATA_SUFFIXES) and not Path(value).expanduser().is_file():
+        raise ValueError(f"{key}={value!r}: no such file")
+
+
 # -- loading ----------------------------------------------------------------------------------------
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
@@ -464,10 +502,22 @@ def load_config(path: str | Path | None = None, overrides=(), **kwargs) -> Train
         p = Path(path)
         if not p.is_file():
             raise ValueError(f"--config {str(path)!r}: no such file")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:  # e.g. --config README.md: one line, not a scanner traceback
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            what = getattr(e, "problem", None) or type(e).__name__
+            raise ValueError(f"--config {str(path)!r} is not a YAML recipe: {what}{where}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"--config {str(path)!r}: top level must be a mapping of keys, got {type(loaded).__name__}")
         data.update(loaded)
-    data.update(parse_overrides(overrides))
-    data.update(kwargs)
-    return TrainConfig(**_coerce_all(data))
+    given = {**parse_overrides(overrides), **kwargs}
+    data.update(given)
+    cfg = TrainConfig(**_coerce_all(data))
+    if cfg.stages:  # an override of a key that every stage sets itself would be silently ignored
+        for k in given:
+            if k != "stages" and all(k in st for st in cfg.stages):
+                raise ValueError(f"{k}={given[k]!r} has no effect: every stage of this recipe sets its own {k} "
+                                 f"(stages[i].{k}); change it in the recipe's stages")
+    return cfg

@@ -1,4 +1,4 @@
-"""The Unified Policy Gradient Estimator (DESIGN.md §1.1) on N-sized tensors.
+"""The Unified Policy Gradient Estimator (docs/math.md §1) on N-sized tensors.
 
     grad_uni = 1_stable * (1 / pi_ref) * A_hat * grad pi_theta
 
@@ -9,7 +9,7 @@ the scalar loss whose autograd gradient is the estimator. It is also the float64
 kernels in `fastupg.kernels` are tested against.
 
 The loss is always   L = sum_t s_t * c_t * w_t * ell_t,   where
-    ell_t = pg_t - entropy_coef * H_t + kl_coef * KL_t     (per-token loss, DESIGN.md table)
+    ell_t = pg_t - entropy_coef * H_t + kl_coef * KL_t     (per-token loss, docs/math.md §1.2-1.3)
     s_t   = aggregation weight (token-mean, seq-mean-..., computed by `aggregation_weights`)
     c_t   = coefficient of the token's branch,  w_t = caller's per-token weight (HPT alpha/beta)
 so every implementation only has to agree on ell_t and its derivative d ell_t / d l_t.
@@ -119,7 +119,7 @@ class Estimator:
     # -- presets ---------------------------------------------------------------------------------
     @staticmethod
     def preset(name: str, **overrides) -> "Estimator":
-        """One of PRESETS (DESIGN.md §1.1), with any field overridden: `Estimator.preset('grpo', eps_high=0.28)`."""
+        """One of PRESETS (docs/math.md §1), with any field overridden: `Estimator.preset('grpo', eps_high=0.28)`."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; allowed: {sorted(PRESETS)}")
         base = PRESETS[name]
@@ -222,7 +222,7 @@ def _kl(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def _branch_pg(est: Estimator, b: Branch, l, A, old, seq_ratio, metrics_out: dict):
-    """Policy-gradient per-token loss of one branch (the DESIGN.md table), plus clip indicators."""
+    """Policy-gradient per-token loss of one branch (the table of docs/math.md §1.2), plus clip indicators."""
     zeros = torch.zeros_like(l, dtype=torch.bool)
     low = high = dual = zeros
     if b.ref == "policy":

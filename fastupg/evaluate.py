@@ -31,7 +31,7 @@ from .data.prompts import LUFFY_SYSTEM_PROMPT, QWEN_MATH_SYSTEM_PROMPT, PromptCo
 from .rewards.math import math_rewards
 from .rollout.base import SamplingConfig
 
-__all__ = ["add_eval_args", "run_eval", "default_k", "render_markdown"]
+__all__ = ["add_eval_args", "check_args", "run_eval", "default_k", "render_markdown"]
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,12 @@ class _Bench:
     examples: list[Example]
 
 
-def _check_args(args) -> None:
+def check_args(args) -> None:
+    """Every argument check that needs no model or data loaded (ValueError naming the option)."""
+    from .config import check_data_path, check_model_path
+    check_model_path("--model", args.model)
+    for d in args.data:
+        check_data_path("--data", d)
     if args.k is not None and args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     if not args.temperature > 0:
@@ -95,6 +100,27 @@ def _check_args(args) -> None:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    limit = _max_positions(args.model)
+    if limit is not None and args.max_new_tokens >= limit:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} does not fit the model's max_position_embeddings="
+                         f"{limit} (prompt + response must); use a smaller --max-new-tokens")
+    if args.engine == "vllm":
+        from .cli import importable
+        if not importable("vllm"):
+            raise ValueError("--engine vllm but vLLM is not importable: pip install -e '.[vllm]', or --engine hf")
+
+
+_check_args = check_args  # the old private name
+
+
+def _max_positions(model: str) -> int | None:
+    """max_position_embeddings from a local model folder's config.json (None when unknown)."""
+    try:
+        cfg = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    v = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
+    return int(v) if isinstance(v, int) else None
 
 
 def _load_benchmarks(args, tokenizer) -> list[_Bench]:
@@ -171,12 +197,22 @@ def run_eval(args) -> dict:
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    _check_args(args)
+    check_args(args)
     out_dir = Path(args.out)
     (out_dir / "responses").mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     benches = _load_benchmarks(args, tokenizer)
     max_prompt_len = max(len(e.prompt_ids) for b in benches for e in b.examples)
+    limit = _max_positions(args.model)
+    if limit is not None and max_prompt_len >= limit:
+        raise ValueError(f"the longest prompt ({max_prompt_len} tokens, system prompt {args.system_prompt!r} "
+                         f"included) does not fit the model's max_position_embeddings={limit}; a shorter "
+                         f"--system-prompt ('none'?) or a model with more positions")
+    if limit is not None and max_prompt_len + args.max_new_tokens > limit:
+        # past its positions a model returns garbage without any error: refuse instead
+        raise ValueError(f"the longest prompt ({max_prompt_len} tokens) + --max-new-tokens {args.max_new_tokens} "
+                         f"exceed the model's max_position_embeddings={limit}; use --max-new-tokens "
+                         f"<= {limit - max_prompt_len}")
     engine, engine_name = _make_engine(args, tokenizer, max_prompt_len)
     batch = args.batch_size or (10**9 if engine_name == "vllm" else 8)
 

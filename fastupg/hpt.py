@@ -1,4 +1,4 @@
-"""Hybrid Post-Training (DESIGN.md §1.2): per prompt, the verifier's success rate P over its n rollouts decides how
+"""Hybrid Post-Training (docs/math.md §2): per prompt, the verifier's success rate P over its n rollouts decides how
 the RL loss on its rollouts and the SFT loss on its demonstration are mixed:
 
     loss = alpha(P) * L_RL(rollouts of q) + beta(P) * L_SFT(demonstration of q)

@@ -18,7 +18,11 @@ CONSOLE_KEYS = ("loss", "reward", "hpt/sft_fraction", "eval/accuracy", "grad_nor
 
 class RunLogger:
     def __init__(self, output_dir, report_to=("jsonl",), run_name: str | None = None, config: dict | None = None,
-                 wandb_project: str | None = None, enabled: bool = True, console=print):
+                 wandb_project: str | None = None, enabled: bool = True, console=print,
+                 resume_step: int | None = None):
+        """`resume_step`: None for a fresh run (metrics.jsonl starts empty); the checkpoint's step on resume:
+        rows after it (logged by the interrupted or rewound run) are dropped from metrics.jsonl and hidden
+        from TensorBoard (purge_step), so no step is ever logged twice."""
         self.dir = Path(output_dir)
         self.enabled = enabled
         self.console = console
@@ -28,11 +32,18 @@ class RunLogger:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         if "jsonl" in report_to:
-            self._jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
+            path = self.dir / "metrics.jsonl"
+            if resume_step is not None and path.is_file():
+                keep = [r for r in read_jsonl(path) if r.get("step", 0) <= resume_step]
+                tmp = path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+                os.replace(tmp, path)
+            self._jsonl = open(path, "a" if resume_step is not None else "w", encoding="utf-8")
         if "tensorboard" in report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
+                purge = 0 if resume_step is None else resume_step + 1  # hides a previous writer's later steps
+                self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"), purge_step=purge)
             except ImportError as e:  # pragma: no cover
                 console(f"[fastupg] tensorboard not available ({e}); not logging to it")
         if "wandb" in report_to:

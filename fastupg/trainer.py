@@ -215,7 +215,7 @@ class Rows:
 
 
 def advantages(est, reward, group, offline) -> torch.Tensor:
-    """Per-row advantage from each branch's `advantage` choice (DESIGN.md §1.1)."""
+    """Per-row advantage from each branch's `advantage` choice (docs/math.md §1.2)."""
     A = torch.ones_like(reward)
     on = ~offline
     std = est.adv_std
@@ -320,6 +320,8 @@ def train(cfg: TrainConfig, info: D.DistInfo | None = None, log=print) -> dict:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     stages = cfg.stage_configs()
+    if len(stages) > 1:  # the stages' folders live under output_dir: check/clear it as a whole first
+        ckpt.prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite_output_dir, info)
     summary: dict = {}
     model_path = None
     for i, sc in enumerate(stages):
@@ -350,11 +352,15 @@ class Trainer:
         self.cfg, self.info = cfg, info
         self.log = log if info.is_main else (lambda *a, **k: None)
         self.est = cfg.estimator()
+        # output_dir and resume first (cheap), so that a refused run has done no work
+        ckpt.prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite_output_dir, info)
+        resume = ckpt.resolve_resume(cfg.resume, cfg.output_dir)
+        for line in ckpt.check_resume(cfg, resume, lr_lambda):
+            self.log(line)
         embedded = cfg.model == "embedded" if embedded_base is None else embedded_base
         base_cfg = cfg if cfg.model == "embedded" or not embedded else _embedded_cfg(cfg)
         self.paths = resolve_paths(base_cfg, info)
         start_from = self.paths.model if cfg.model == "embedded" or not embedded else cfg.model
-        resume = ckpt.resolve_resume(cfg.resume, cfg.output_dir)
         if cfg.resume is not False and resume is None:
             self.log(f"[fastupg] resume: no complete checkpoint in {cfg.output_dir} yet; starting fresh")
         self.resume_from = resume
@@ -409,7 +415,8 @@ class Trainer:
             self.step, self.data_pos, history = st["step"], st["data_pos"], st.get("history", [])
             self.log(f"[fastupg] resumed from {resume} at step {self.step}")
         self.logger = RunLogger(cfg.output_dir, cfg.report_to, cfg.run_name, cfg.to_dict(), cfg.wandb_project,
-                                enabled=info.is_main, console=self.log)
+                                enabled=info.is_main, console=self.log,
+                                resume_step=self.step if resume is not None else None)
         self.logger.history = list(history)
 
     # -- data ---------------------------------------------------------------------------------------
@@ -611,7 +618,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         state = {"step": self.step, "data_pos": self.data_pos, "history": self.logger.history,
-                 "loss_type": self.cfg.loss_type}
+                 "loss_type": self.cfg.loss_type, "config": self.cfg.to_dict()}
         return ckpt.save_checkpoint(self.cfg.output_dir, self.step, self.model, self.tokenizer, self.opt,
                                     self.sched, state, self.info, self.cfg.save_total_limit)
 
@@ -664,6 +671,8 @@ class Trainer:
             if plot:
                 self.log(f"[fastupg] plot: {plot}")
             self.log(f"[fastupg] metrics: {Path(cfg.output_dir) / 'metrics.jsonl'}")
+            if self.paths.eval_file:  # what `fastupg eval --data` takes for this run's held-out split
+                self.log(f"[fastupg] held-out data: {self.paths.eval_file}")
         return {"final_checkpoint": str(final) if final else str(ckpt.latest_checkpoint(cfg.output_dir)),
                 "plot": str(plot) if plot else None, "metrics": last, "history": self.logger.history,
                 "step": self.step}

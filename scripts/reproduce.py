@@ -11,9 +11,11 @@ half/half between its stages), groups of the same size (8 rollouts per prompt; L
 demonstration, as in LUFFY), the same prompts per step (SFT sees as many demonstrations per step as the RL
 methods see prompts), the same learning rate and seeds. Each run is trained in-process with
 `fastupg.trainer.train`, then its final checkpoint is evaluated greedily on the held-out split per difficulty
-level. Outputs under --out: one folder per run (config.yaml, metrics.jsonl, result.json), results.json,
-results.md (methods as rows, accuracy per level + average, mean +- std over seeds) and curves.png (held-out
-accuracy and HPT's SFT fraction over steps). Runs whose result.json exists are skipped (resumable).
+level. Outputs under --out/<budget>/ (one folder per budget, e.g. runs/reproduce/quick-2steps-1a2b3c4d/, so a
+--quick run and a full run never share anything): one folder per run (config.yaml, metrics.jsonl, result.json),
+results.json, results.md (methods as rows, accuracy per level + average, mean +- std over seeds) and curves.png
+(held-out accuracy and HPT's SFT fraction over steps). A run whose result.json holds the same spec (method,
+seed, budget, overrides, recipe text) is skipped (resumable); one made with other settings is trained again.
 """
 from __future__ import annotations
 
@@ -157,14 +159,41 @@ def _no_arg_ok(cls) -> bool:
         return False
 
 
+def budget_dir(out: Path, budget: Budget) -> Path:
+    """One folder per budget under --out: a --quick run and a full run (or two --steps) never share run folders."""
+    import dataclasses
+    import hashlib
+    h = hashlib.sha1(json.dumps(dataclasses.asdict(budget), sort_keys=True).encode()).hexdigest()[:8]
+    return Path(out) / f"{'quick' if budget == QUICK else 'budget'}-{budget.steps}steps-{h}"
+
+
+def run_spec(method: str, seed: int, budget: Budget, extra: dict | None, recipe: str, kw: dict) -> dict:
+    """Everything a run's result depends on that this script chooses; a stored result is reused only when
+    its spec is the same (the recipe file's text included)."""
+    import dataclasses
+    import hashlib
+    spec = {"method": method, "seed": seed, "budget": dataclasses.asdict(budget), "extra": extra or {},
+            "recipe": Path(recipe).name, "recipe_sha1": hashlib.sha1(Path(recipe).read_bytes()).hexdigest(),
+            "overrides": {k: v for k, v in kw.items() if k not in ("output_dir", "resume")}}
+    return json.loads(json.dumps(spec, default=list))
+
+
 def run_one(method: str, seed: int, budget: Budget, out: Path, extra: dict | None = None) -> dict:
-    """Train one (method, seed) and evaluate it; result.json makes it skippable next time."""
+    """Train one (method, seed) and evaluate it; result.json makes it skippable next time (same spec only)."""
     res_file = out / "result.json"
+    path, kw = run_overrides(method, budget, seed, out, extra)
+    spec = run_spec(method, seed, budget, extra, path, kw)
     if res_file.is_file():
-        return json.loads(res_file.read_text())
+        old = json.loads(res_file.read_text())
+        if old.get("spec") == spec:
+            return old
+        print(f"[reproduce] {out}: result.json was made with other settings; training this run again", flush=True)
+        import shutil
+        shutil.rmtree(out)
     from fastupg.config import load_config
     from fastupg.trainer import train
-    path, kw = run_overrides(method, budget, seed, out, extra)
+    # a run killed mid-way (no result.json) continues from its Ctrl-C checkpoint, or starts afresh without one
+    kw["resume"] = True
     cfg = load_config(path, (), **kw)
     out.mkdir(parents=True, exist_ok=True)
     import yaml
@@ -179,7 +208,7 @@ def run_one(method: str, seed: int, budget: Budget, out: Path, extra: dict | Non
     levels = eval_per_level(summary["final_checkpoint"], last_cfg, budget.final_eval_samples)
     hist = _history(out)
     sft_frac = [r["hpt/sft_fraction"] for r in hist if "hpt/sft_fraction" in r]
-    result = {"method": method, "seed": seed, "steps": max((r["step"] for r in hist), default=0), "train_seconds": round(train_s, 1),
+    result = {"spec": spec, "method": method, "seed": seed, "steps": max((r["step"] for r in hist), default=0), "train_seconds": round(train_s, 1),
               "accuracy": levels, "first_sft_fraction": sft_frac[0] if sft_frac else None,
               "last_sft_fraction": sft_frac[-1] if sft_frac else None, "overrides": {k: v for k, v in kw.items()
                                                                                     if k != "output_dir"}}
@@ -303,7 +332,7 @@ def main(argv=None) -> int:
     budget = dataclasses.replace(budget, **repl)
     seeds = parse_list(args.seeds, int) if args.seeds else [0] if args.quick else [0, 1, 2]
     aseeds = parse_list(args.ablation_seeds, int) if args.ablation_seeds else seeds
-    out = Path(args.out)
+    out = budget_dir(Path(args.out), budget)
     out.mkdir(parents=True, exist_ok=True)
 
     specs = [(m, s, budget, str(out / m / f"seed{s}"), None) for m in methods for s in seeds]
@@ -314,7 +343,7 @@ def main(argv=None) -> int:
                 continue
             specs += [(name, s, budget, str(out / "ablations" / name.replace("/", "_") / f"seed{s}"), extra)
                       for s in aseeds]
-    print(f"[reproduce] {len(specs)} runs, budget {budget}", flush=True)
+    print(f"[reproduce] {len(specs)} runs, budget {budget}, in {out}", flush=True)
     t0 = time.time()
 
     def done(i, n, r):
@@ -366,4 +395,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ValueError as e:  # a bad argument: one line and exit 2, like the fastupg CLI
+        print(f"reproduce.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

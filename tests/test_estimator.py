@@ -1,4 +1,4 @@
-"""The unified estimator against the paper's table, written out independently per token (DESIGN.md §1.1)."""
+"""The unified estimator against the paper's table, written out independently per token (docs/math.md §1)."""
 import math
 
 import pytest

@@ -57,8 +57,9 @@ def test_bad_arguments():
 
 
 def test_quick_every_method_runs_and_logs(tmp_path, capsys):
-    out = tmp_path / "rq"
-    assert rp.main(["--quick", "--out", str(out)]) == 0
+    top = tmp_path / "rq"
+    assert rp.main(["--quick", "--out", str(top)]) == 0
+    out = rp.budget_dir(top, rp.QUICK)                 # everything of this budget lives under its own folder
     res = json.loads((out / "results.json").read_text())
     assert set(res["table"]) == set(rp.METHODS)
     for r in res["runs"]:
@@ -80,7 +81,44 @@ def test_quick_every_method_runs_and_logs(tmp_path, capsys):
     # resumable: a second call trains nothing (every result.json exists) and reports the same numbers
     before = {p: p.stat().st_mtime_ns for p in out.glob("*/seed0/result.json")}
     capsys.readouterr()
-    assert rp.main(["--quick", "--out", str(out), "--methods", "hpt,grpo"]) == 0
+    assert rp.main(["--quick", "--out", str(top), "--methods", "hpt,grpo"]) == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed0/result.json")} == before
     again = json.loads((out / "results.json").read_text())
     assert again["table"]["hpt"]["all"] == res["table"]["hpt"]["all"]
+
+
+def test_quick_and_full_runs_never_share_folders(tmp_path):
+    full, quick = rp.budget_dir(tmp_path, rp.Budget()), rp.budget_dir(tmp_path, rp.QUICK)
+    assert full != quick and quick.name.startswith("quick-") and full.parent == quick.parent == tmp_path
+    assert rp.budget_dir(tmp_path, rp.Budget(steps=61)) != full      # any other budget: another folder
+
+
+def test_a_result_from_other_settings_is_never_reused(tmp_path, monkeypatch):
+    """A result.json in the run folder counts only when its spec (budget, overrides, recipe text) is this run's;
+    otherwise the run is trained again (here with a fake trainer and evaluation: no model is built)."""
+    import fastupg.trainer
+    trained = []
+
+    def fake_train(cfg, log=None):
+        trained.append(cfg.max_steps)
+        return {"final_checkpoint": "unused"}
+    monkeypatch.setattr(fastupg.trainer, "train", fake_train)
+    monkeypatch.setattr(rp, "eval_per_level", lambda ckpt, cfg, n: {"easy": 0.5, "all": 0.5, "n_eval": n})
+    out = tmp_path / "hpt" / "seed0"
+    b = rp.Budget(steps=3, group=2, prompts_per_step=1)
+    stale = dict(method="hpt", seed=0, steps=2, train_seconds=1.0, accuracy={"all": 0.9})   # e.g. a --quick result
+    out.mkdir(parents=True)
+    (out / "result.json").write_text(json.dumps(stale))
+    r = rp.run_one("hpt", 0, b, out)
+    assert trained == [3] and r["accuracy"]["all"] == 0.5
+    again = rp.run_one("hpt", 0, b, out)                               # same spec: reused, nothing trained
+    assert trained == [3] and again == json.loads((out / "result.json").read_text())
+    rp.run_one("hpt", 0, rp.Budget(steps=4, group=2, prompts_per_step=1), out)   # other budget: trained again
+    assert trained == [3, 4]
+
+
+def test_bad_argument_from_the_command_line_is_one_line_exit_2():
+    import subprocess
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce.py"), "--methods", "hpt,ppo", "--quick"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--methods" in r.stderr

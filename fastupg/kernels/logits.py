@@ -12,7 +12,7 @@ Two public ops, each an autograd Function (kernels and Function in one file, as 
   AND the logits gradient (pass 1: lse/target/entropy; per-token math in registers; pass 2: gradient); backward only
   scales the saved gradient. Sequence-level estimators (GSPO) go through `token_logprobs` + `fastupg.policy_loss`.
 
-The per-token math follows `fastupg.estimator` exactly (DESIGN.md §1.1); the aggregation weights s_t and per-token
+The per-token math follows `fastupg.estimator` exactly (docs/math.md §1); the aggregation weights s_t and per-token
 weights are O(N) and computed in PyTorch before the launch, so the kernel sees one `scale` per token:
     loss = sum_t scale_t * ell_t,    dL/dz_t = scale_t * [ d ell_t/d l_t * (onehot - p)/T + c_H p (log p + H)/T ].
 

@@ -1,4 +1,4 @@
-"""Rule-based 0/1 verifier for math answers (DESIGN.md §1.3; what it accepts and rejects, with
+"""Rule-based 0/1 verifier for math answers (docs/math.md §3; what it accepts and rejects, with
 examples: docs/verifier.md).
 
     math_reward(response, gold, timeout_s=5.0) -> 1.0 | 0.0

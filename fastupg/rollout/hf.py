@@ -7,7 +7,7 @@ no-ops: there is no separate inference copy to free.
 
 Log-probs. ``Rollout.logprobs[t] = log_softmax(z_t / T)[y_t]`` with z_t the model's raw logits at
 the step that sampled y_t, T the sampling temperature: exactly the ``l`` the estimator computes
-in the trainer (DESIGN.md 1.1), so the ratio r = exp(l - o) is 1 on the first update, up to
+in the trainer (docs/math.md §1), so the ratio r = exp(l - o) is 1 on the first update, up to
 numerics. With top_p < 1 or top_k > 0 the tokens are drawn from the truncated distribution but
 the log-probs stay those of the full softmax at temperature T, as in verl and TRL.
 
