@@ -30,9 +30,10 @@ contain no target (Cut Cross-Entropy's gradient filtering): each skipped gradien
 |dL/dH| * |log p + H|) / T, so the error of dH/dW is bounded by eps times the row gradient scale times the number of
 skipped columns; the tests accept a relative error of 1e-2 for exact=False.
 
-Precision: the statistics (log-sum-exp, entropy) and the returned log-probs are float32 (float64 for float64
-inputs, torch/chunked impls); the logits are accumulated and kept in fp32 (tl.dot; torch.mm(..., out_dtype=fp32) in
-the chunked impl). g is rounded to the input dtype before the two gradient GEMMs (tensor cores). Gradients of bf16 inputs are accumulated in fp32 and returned in the
+Precision (the same whatever the caller's autocast state: autocast is switched off inside, forward and backward):
+the statistics (log-sum-exp, entropy) and the returned log-probs are float32 (float64 for float64 inputs,
+torch/chunked impls); the logits are accumulated and kept in fp32 from the operands as passed (fp32 weights under
+autocast give fp32 GEMMs; tl.dot; torch.mm(..., out_dtype=fp32) in the chunked impl), the same in forward and backward. g is rounded to the input dtype before the two gradient GEMMs (tensor cores). Gradients of bf16 inputs are accumulated in fp32 and returned in the
 input dtype.
 """
 from __future__ import annotations
@@ -72,6 +73,14 @@ class FusedLinearOptions:
         if self.filter_eps is not None:
             return self.filter_eps
         return 2.0 ** -12 if dtype in (torch.bfloat16, torch.float16) else 2.0 ** -20
+
+
+def _no_autocast(device: torch.device):
+    """The fused-linear loss has ONE precision whatever the caller's autocast state (issue 11): logits accumulated in
+    fp32 (fp64 for fp64 inputs) from the stored operands, in the forward and in the backward alike. Under autocast a
+    plain `h @ w.T` would give bf16 logits in one pass and fp32 in the other (0.16 nat log-prob errors, 20 % gradient
+    errors for confident tokens), so every matmul here runs with autocast off, on the dtype the caller passed."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def default_impl(device: torch.device) -> str:
@@ -124,11 +133,32 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # -- torch reference ------------------------------------------------------------------------------------------------
+class _Logits(torch.autograd.Function):
+    """h @ w.T (+ b) in the operands' dtype with autocast off in the forward AND the backward (autograd would replay
+    MmBackward under the caller's autocast if backward() is called inside it)."""
+
+    @staticmethod
+    def forward(ctx, h, w, b):
+        ctx.save_for_backward(h, w)
+        ctx.has_b = b is not None
+        with _no_autocast(h.device):
+            z = h @ w.t()
+            return z + b if b is not None else z
+
+    @staticmethod
+    def backward(ctx, gz):
+        h, w = ctx.saved_tensors
+        with _no_autocast(h.device):
+            gz = gz.to(h.dtype)
+            dh = gz @ w if ctx.needs_input_grad[0] else None
+            dw = gz.t() @ h if ctx.needs_input_grad[1] else None
+            db = gz.sum(0) if ctx.has_b and ctx.needs_input_grad[2] else None
+        return dh, dw, db
+
+
 def _torch_logprobs(h, w, b, tgt, temperature, return_entropy):
     """Plain reference: materialises the logits; differentiable by autograd."""
-    z = h @ w.t()
-    if b is not None:
-        z = z + b
+    z = _Logits.apply(h, w, b)
     z = z.to(_stat_dtype(h.dtype)) / temperature
     lp = torch.log_softmax(z, dim=-1)
     logp = lp.gather(-1, tgt[:, None]).squeeze(-1)
@@ -308,7 +338,8 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, tgt, o: FusedLinearOptions):
         fwd = _triton_forward if o.impl == "triton" else _chunked_forward
-        logp, lse, ent = fwd(h, w, b, tgt, o)
+        with _no_autocast(h.device):
+            logp, lse, ent = fwd(h, w, b, tgt, o)
         ctx.save_for_backward(h, w, b, tgt, lse, ent)
         ctx.o = o
         if ent is None:
@@ -331,8 +362,9 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         rows = active.nonzero().squeeze(1)
         c = (lambda t: None if t is None else t.index_select(0, rows))  # noqa: E731  (O(N) compaction)
         bwd = _triton_backward if o.impl == "triton" else _chunked_backward
-        dH, dW, db = bwd(h, w, b, rows, c(tgt), c(lse), c(ent) if gh is not None else None, c(gl), c(gh), o,
-                         need_dh, need_dw, need_db)
+        with _no_autocast(h.device):  # backward() may be called inside the caller's autocast region
+            dH, dW, db = bwd(h, w, b, rows, c(tgt), c(lse), c(ent) if gh is not None else None, c(gl), c(gh), o,
+                             need_dh, need_dw, need_db)
         if need_db:
             db = db.to(b.dtype)
         return dH, dW, db, None, None
@@ -357,7 +389,8 @@ def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, return_entro
     h = hidden.reshape(-1, hidden.shape[-1])
     tgt = targets.reshape(-1)
     if impl == "torch":
-        logp, ent = _torch_logprobs(h, weight, bias, tgt, float(temperature), return_entropy)
+        with _no_autocast(h.device):  # autograd replays these ops in the same dtypes: fp32 backward too
+            logp, ent = _torch_logprobs(h, weight, bias, tgt, float(temperature), return_entropy)
     else:
         if impl == "triton":  # kernels index with unit stride along D
             h = h if h.stride(-1) == 1 else h.contiguous()
@@ -581,7 +614,7 @@ def fused_linear_policy_loss(hidden, weight, targets, estimator: Estimator, *, a
                   seq_ids=_seq_ids(seq_ids, lead, hidden.device), agg=agg,
                   padded_len=lead[1] if len(lead) == 2 else None)
         need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-        with torch.no_grad():
+        with torch.no_grad(), _no_autocast(h.device):
             logp, ent, dH, dW, db = _one_pass_chunked(h, weight.detach(), None if bias is None else bias.detach(),
                                                       targets.reshape(-1), estimator, kw, float(temperature), need, o)
             loss, metrics = policy_loss(logp.reshape(lead), estimator, advantages=advantages, old_logp=old_logp,

@@ -320,3 +320,62 @@ def test_gpu_peak_memory_at_qwen_vocabulary(impl):
     # buffers here; the same 2.3 GB at N = 8k, 32k and 128k with 1 GiB chunks, benchmarks/RESULTS.md)
     budget = 64 * 2 ** 20 + 256 * N + ((3 * 2 ** 27 + Vq * D * 2) if impl == "chunked" else 0)
     assert peak - grad_buffers <= budget, (peak / 2 ** 20, grad_buffers / 2 ** 20)
+
+
+# -- issue 11 item 1: a defined precision whatever the caller's autocast state ----------------------------------------
+def _confident_case(N=24, D=40, Va=2000, seed=31):
+    """Confident targets (p ~ 0.9+): bf16-rounded logits or a forward/backward precision mismatch shows up here."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, D, generator=g, dtype=torch.float64)
+    w = torch.randn(Va, D, generator=g, dtype=torch.float64) * 0.15
+    tgt = torch.randint(0, Va, (N,), generator=g)
+    w[tgt] += 1.3 * h / h.norm(dim=1, keepdim=True)  # the target logit stands ~10 nats above the others (|z| ~ 15)
+    return h, w, tgt
+
+
+@pytest.mark.parametrize("backward_under_autocast", [False, True])
+@pytest.mark.parametrize("impl", ["torch", "chunked", "triton"])
+def test_fp32_logits_under_bf16_autocast(impl, backward_under_autocast):
+    h, w, tgt = _confident_case()
+    cl = torch.randn(h.shape[0], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+    lr, er = fused_linear_logprobs(hr, wr, tgt, TEMP, return_entropy=True, impl="torch")
+    (lr * cl + er).sum().backward()
+    assert float(lr.detach().exp().median()) > 0.9, "targets must be confident for this test to see bf16 logits"
+    hx, wx = h.float().requires_grad_(), w.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp, ent = fused_linear_logprobs(hx, wx, tgt, TEMP, return_entropy=True, impl=impl, chunk_bytes=4 * 2000 * 8)
+        loss = (lp * cl.float() + ent).sum()
+        if backward_under_autocast:
+            loss.backward()
+    if not backward_under_autocast:
+        loss.backward()
+    assert lp.dtype == torch.float32 and ent.dtype == torch.float32
+    assert float((lp.double() - lr.detach()).abs().max()) < 1e-4
+    assert float((ent.double() - er.detach()).abs().max()) < 1e-4
+    assert _rel(hx.grad, hr.grad) < 1e-4 and _rel(wx.grad, wr.grad) < 1e-4
+
+
+@pytest.mark.parametrize("impl,one_pass", [("torch", None), ("chunked", None), ("chunked", False), ("triton", None)])
+def test_policy_loss_fp32_under_bf16_autocast(impl, one_pass):
+    h, w, tgt = _confident_case(seed=32)
+    N = h.shape[0]
+    g = torch.Generator().manual_seed(3)
+    est = Estimator.preset("hpt", entropy_coef=0.01)
+    kw = dict(advantages=torch.randn(N, generator=g, dtype=torch.float64), mask=torch.rand(N, generator=g) > 0.1,
+              offline=torch.rand(N, generator=g) < 0.3)
+    hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.no_grad():
+        old = fused_linear_logprobs(h, w, tgt, TEMP, impl="torch") + 0.1 * torch.randn(N, generator=g,
+                                                                                        dtype=torch.float64)
+    kw["old_logp"] = old
+    ref, _ = fused_linear_policy_loss(hr, wr, tgt, est, temperature=TEMP, impl="torch", **kw)
+    ref.backward()
+    hx, wx = h.float().requires_grad_(), w.float().requires_grad_()
+    kwx = {k: (v.float() if v.is_floating_point() else v) for k, v in kw.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = fused_linear_policy_loss(hx, wx, tgt, est, temperature=TEMP, impl=impl, one_pass=one_pass,
+                                           chunk_bytes=4 * 2000 * 8, **kwx)
+    loss.backward()
+    assert abs(float(loss) - float(ref)) < 1e-4 * max(1.0, abs(float(ref)))
+    assert _rel(hx.grad, hr.grad) < 1e-4 and _rel(wx.grad, wr.grad) < 1e-4
