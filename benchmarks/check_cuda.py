@@ -112,7 +112,6 @@ def check_fused_linear(dev, V=151936, D=1536, B=4, T=256):
             lp = torch.log_softmax(logits / TEMP, -1).gather(-1, targets[..., None])[..., 0].float()
             kw["old_logp"] = lp + 0.5 * torch.randn(B, T, generator=g, device=dev)
         del logits
-        kw["token_weight"] = kw.pop("weight")
         for dtype in (torch.float32, torch.bfloat16):
             # the oracle sees the same rounded inputs as the kernel (else bf16 rounding of h, w moves tokens across
             # the clip boundary and the comparison measures the rounding, not the kernel)

@@ -7,7 +7,7 @@ recomputes logits tile by tile (Triton) or chunk by chunk (torch), turning them 
 Public API
     fused_linear_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False, bias=None,
                           impl=None, exact=True) -> logp  (or (logp, entropy))
-    fused_linear_policy_loss(hidden, weight, targets, estimator, *, advantages, ..., token_weight=None, ...)
+    fused_linear_policy_loss(hidden, lm_head_weight, targets, estimator, *, advantages, ..., weight=None, ...)
                           -> (loss, metrics)
 
 impl
@@ -40,19 +40,20 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 import dataclasses
 
-from fastupg.estimator import Estimator, aggregation_weights, policy_loss, prepare_inputs
+from fastupg.estimator import Estimator, aggregation_weights, policy_loss, prepare_inputs, raise_failed_checks
 from fastupg.kernels.logits import use_triton
 
 IMPLS = ("triton", "chunked", "torch")
 # Chunked impl: bytes of fp32 logits per chunk. Measured on an H200 (benchmarks/RESULTS.md, N=8192, D=1536,
 # V=151936): 2^30 -> 34.7 ms fwd+bwd, 2.3 GiB peak; 2^27 -> 108 ms, 1.9 GiB (chunks of ~220 rows starve the GPU).
-DEFAULT_CHUNK_BYTES = 2 ** 30
+DEFAULT_CHUNK_BYTES = 2 ** 28
 _CHUNK_FILTER_BLOCK = 4096  # chunked impl, exact=False: vocabulary columns per filtering block
 
 
@@ -208,8 +209,21 @@ def _chunked_forward(h, w, b, tgt, o: FusedLinearOptions):
     lse = torch.empty(N, dtype=sdt, device=h.device)
     ent = torch.empty(N, dtype=sdt, device=h.device) if o.return_entropy else None
     step = _rows_per_chunk(V, o.chunk_bytes)
+    kernel = use_triton(h) and sdt == torch.float32
     for i in range(0, N, step):
         j = min(N, i + step)
+        if kernel:
+            # the logits kernel: ONE read of the chunk, no N x V temporaries (torch.logsumexp would add one)
+            from fastupg.kernels.logits import token_logprobs
+            z = _chunk_logits(h[i:j], w, b, 1.0, sdt)
+            out = token_logprobs(z, tgt[i:j], o.temperature, return_entropy=o.return_entropy)
+            lp, en = out if o.return_entropy else (out, None)
+            logp[i:j] = lp
+            lse[i:j] = z.gather(1, tgt[i:j, None]).squeeze(1) / o.temperature - lp  # lse = z_t / T - log p_t
+            if ent is not None:
+                ent[i:j] = en
+            del z
+            continue
         z = _chunk_logits(h[i:j], w, b, o.temperature, sdt)
         lse_c = torch.logsumexp(z, dim=-1)
         lse[i:j] = lse_c
@@ -221,6 +235,13 @@ def _chunked_forward(h, w, b, tgt, o: FusedLinearOptions):
     return logp, lse, ent
 
 
+def _new_dw(w, need_dw):
+    """dW accumulates across chunks IN THE WEIGHT'S DTYPE by GEMM (addmm_: fp32 products and sum inside cuBLAS, one
+    rounding to bf16 per chunk), as Liger does: an fp32 accumulator would be a weight-sized buffer (2.2 GB at
+    V = 151936, D = 3584) beyond the gradient itself. fp32 weights (e.g. under autocast) accumulate in fp32."""
+    return torch.zeros_like(w) if need_dw else None
+
+
 def _chunked_backward(h, w, b, rows, tgt, lse, ent, gl, gh, o: FusedLinearOptions, need_dh, need_dw, need_db):
     """dH, dW, db of the compacted rows `rows` (their tgt/lse/ent/gl/gh are already compacted)."""
     N, D = h.shape
@@ -228,9 +249,7 @@ def _chunked_backward(h, w, b, rows, tgt, lse, ent, gl, gh, o: FusedLinearOption
     sdt = _stat_dtype(h.dtype)
     inv_t = 1.0 / o.temperature
     dH = torch.zeros_like(h) if need_dh else None
-    # dW accumulates across chunks: fp32 for 16-bit weights (the fp32 gradient buffer), in place otherwise
-    dW = torch.zeros(w.shape, dtype=sdt if w.dtype in (torch.float16, torch.bfloat16) else w.dtype,
-                     device=w.device) if need_dw else None
+    dW = _new_dw(w, need_dw)
     db = torch.zeros(V, dtype=sdt, device=w.device) if need_db else None
     eps = o.eps_for(h.dtype)
     vblock = _CHUNK_FILTER_BLOCK
@@ -257,27 +276,31 @@ def _chunked_backward(h, w, b, rows, tgt, lse, ent, gl, gh, o: FusedLinearOption
             z *= inv_t
         if db is not None:
             db += z.sum(0)
-        if o.exact:
-            blocks = [(0, V)]
-        else:
-            # keep a vocab block if p >= eps somewhere in it or a target falls in it (Cut Cross-Entropy filtering)
-            keep = logp_max >= math.log(eps) if eps > 0 else torch.ones(V, dtype=torch.bool, device=h.device)
-            keep[tg] = True
-            nb = (V + vblock - 1) // vblock
-            kb = torch.nn.functional.pad(keep, (0, nb * vblock - V)).view(nb, vblock).any(1).tolist()
-            blocks = [(k * vblock, min(V, (k + 1) * vblock)) for k in range(nb) if kb[k]]
         g = z.to(h.dtype)
         del z
+        if o.exact:
+            if need_dh:
+                dH.index_copy_(0, r, g @ w)
+            if need_dw:
+                dW.addmm_(g.t(), h_c)
+            del g
+            continue
+        # keep a vocab block if p >= eps somewhere in it or a target falls in it (Cut Cross-Entropy filtering)
+        keep = logp_max >= math.log(eps) if eps > 0 else torch.ones(V, dtype=torch.bool, device=h.device)
+        keep[tg] = True
+        nb = (V + vblock - 1) // vblock
+        kb = torch.nn.functional.pad(keep, (0, nb * vblock - V)).view(nb, vblock).any(1).tolist()
+        blocks = [(k * vblock, min(V, (k + 1) * vblock)) for k in range(nb) if kb[k]]
         dh_c = torch.zeros(r.numel(), D, dtype=sdt, device=h.device) if need_dh else None
         for v0, v1 in blocks:
             if need_dh:
                 dh_c += (g[:, v0:v1] @ w[v0:v1]).to(sdt)
             if need_dw:
-                dW[v0:v1] += (g[:, v0:v1].t() @ h_c).to(dW.dtype)
+                dW[v0:v1].addmm_(g[:, v0:v1].t(), h_c)
         if need_dh:
             dH.index_copy_(0, r, dh_c.to(h.dtype))
         del g
-    return dH, (dW.to(w.dtype) if need_dw else None), db
+    return dH, dW, db
 
 
 # -- triton -----------------------------------------------------------------------------------------------------------
@@ -385,6 +408,15 @@ def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, return_entro
         raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
     if filter_eps is not None and not (0 <= filter_eps < 1):
         raise ValueError(f"filter_eps must be in [0, 1), got {filter_eps!r}")
+    try:
+        return _logprobs(hidden, weight, targets, temperature, return_entropy, bias, impl, exact, filter_eps,
+                         chunk_bytes)
+    except ValueError as e:
+        _blame_inputs(e, hidden, weight, bias)
+        raise
+
+
+def _logprobs(hidden, weight, targets, temperature, return_entropy, bias, impl, exact, filter_eps, chunk_bytes):
     lead = hidden.shape[:-1]
     h = hidden.reshape(-1, hidden.shape[-1])
     tgt = targets.reshape(-1)
@@ -408,23 +440,6 @@ def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, return_entro
 
 
 # -- one pass (chunked impl, token-level estimators): the gradient is computed during the forward ------------------
-def _grad_in_dtype(z, inv_t, db, dtype):
-    """dL/d(logits) of a chunk from dL/du (u = z / T), in place; db += its column sums; returned in `dtype`."""
-    if inv_t != 1.0:
-        z *= inv_t
-    if db is not None:
-        db += z.sum(0)
-    return z.to(dtype)
-
-
-def _accumulate(g, rows, h_c, w, dH, dW):
-    """dH[rows] = g @ W and dW += g^T @ H_chunk (None: not needed)."""
-    if dH is not None:
-        dH.index_copy_(0, rows, (g @ w).to(dH.dtype))
-    if dW is not None:
-        dW += (g.t() @ h_c).to(dW.dtype)
-
-
 def _token_estimator(est: Estimator) -> Estimator:
     """The same per-token loss ell_t with aggregation 'token-sum' and branch coefs 1 (they live in the weights)."""
     rep = lambda b: None if b is None else dataclasses.replace(b, coef=1.0)  # noqa: E731
@@ -463,41 +478,18 @@ class _PrecomputedGrad(torch.autograd.Function):
         return None, sc(dH), sc(dW), sc(db), None, None, None
 
 
-def _kernel_chunk_grad(z, tgt_c, est, x, scale, sl, logp, ent):
-    """Run `loss_and_grad_rows` on one chunk of (already temperature-scaled) fp32 logits, gradient written into z.
-
-    Fills logp/ent of the chunk and returns the rows whose gradient is not exactly zero (weight 0, or a clipped
-    token of a 'clip' branch with no entropy/KL term), so the GEMMs can skip the others.
-    """
-    from fastupg.kernels.logits import loss_and_grad_rows
-    xs = {k: (v[sl] if isinstance(v, torch.Tensor) else v) for k, v in x.items()}
-    sc = scale[sl]
-    xs["scale"] = sc.float()
-    # the kernel skips weight-0 rows; the metrics (policy_loss on logp) still count them when unmasked, so their
-    # log-probs come from PyTorch, before the kernel overwrites the chunk with its gradient (rare: the trainer drops them)
-    idle = ((xs["scale"] == 0) & xs["mask"]).nonzero().squeeze(1)
-    if idle.numel():
-        zi = z.index_select(0, idle)
-        lq = zi - torch.logsumexp(zi, -1, keepdim=True)
-        lp_idle, en_idle = lq.gather(1, tgt_c[idle, None]).squeeze(1), -(lq.exp() * lq).sum(-1)
-    _, lp, en, _, (flags, _) = loss_and_grad_rows(z, tgt_c, est, xs, temperature=1.0, grad_out=z)
-    if idle.numel():
-        lp[idle], en[idle] = lp_idle, en_idle
-    logp[sl] = lp.to(logp.dtype)
-    if ent is not None:
-        ent[sl] = en.to(ent.dtype)
-    act = xs["scale"] != 0
-    if est.online is not None and est.online.mask == "clip" and est.entropy_coef == 0 and est.kl_coef == 0:
-        act &= ~((flags.sum(1) > 0) & ~xs["offline"])
-    return act
-
-
 def _one_pass_chunked(h, w, b, tgt, est, kw, temperature, need, o: FusedLinearOptions):
-    """Forward AND gradient in one sweep over row chunks: 3 GEMM-equivalents (logits, g@W, g^T@H) instead of 4.
+    """Forward AND gradient in one sweep over row chunks: 3 GEMMs (logits, g@W, g^T@H) instead of 4.
 
     Valid for token-level estimators, where L = sum_t s_t * ell_t(l_t, H_t) with s_t fixed by the mask alone, so each
     chunk's dL/dl and dL/dH are known as soon as its logits are. The value and metrics come from fastupg.policy_loss on
     the O(N) log-probs at the end, so they are those of the two-pass path exactly.
+
+    Per chunk of n rows (CUDA / interpreter, 16-bit or fp32 inputs): the fp32 logits (4 n V bytes, cuBLAS with fp32
+    output), the logits kernel reads them and writes the gradient straight in the input dtype into a reused buffer
+    (2 n V bytes), then dH[rows] = g @ W (written in place) and dW += g^T @ H_rows (addmm_ into the gradient buffer).
+    Rows of weight 0 (masked, HPT weight 0) are dropped before the vocabulary pass; host syncs: a few per call, none
+    per chunk (the kernel's finiteness checks are collected and raised at the end).
     """
     N, D = h.shape
     V = w.shape[0]
@@ -511,90 +503,149 @@ def _one_pass_chunked(h, w, b, tgt, est, kw, temperature, need, o: FusedLinearOp
         torch.float64)
     est_tok = _token_estimator(est)
     need_dh, need_dw, need_db = need
-    logp = torch.empty(N, dtype=sdt, device=h.device)
-    ent = torch.empty(N, dtype=sdt, device=h.device) if need_ent else None
+    # the entropy is always computed: the `entropy` metric is the real one whatever entropy_coef (as fused_policy_loss)
+    logp = torch.zeros(N, dtype=sdt, device=h.device)
+    ent = torch.zeros(N, dtype=sdt, device=h.device)
     dH = torch.zeros_like(h) if need_dh else None
-    dW = torch.zeros(w.shape, dtype=sdt if w.dtype in (torch.float16, torch.bfloat16) else w.dtype,
-                     device=w.device) if need_dw else None
+    dW = _new_dw(w, need_dw)
     db = torch.zeros(V, dtype=sdt, device=w.device) if need_db else None
-    inv_t = 1.0 / o.temperature
+    active = scale != 0
+    rows = active.nonzero().squeeze(1)
+    dense = rows.numel() == N  # the usual case: contiguous row slices, dH written in place
+    idle = (~active & x["mask"]).nonzero().squeeze(1)
+    if idle.numel():  # unmasked rows of weight 0: no gradient, but the metrics count their log-probs
+        lp_i, _, en_i = _chunked_forward(h.index_select(0, idle), w, b, tgt.index_select(0, idle),
+                                         dataclasses.replace(o, return_entropy=True))
+        logp[idle], ent[idle] = lp_i, en_i
+    kernel = use_triton(h) and sdt == torch.float32
+    gbuf = None
+    checks: list = []
     step = _rows_per_chunk(V, o.chunk_bytes)
-    for i in range(0, N, step):
-        j = min(N, i + step)
-        sl = slice(i, j)
-        h_c = h[sl]
-        z = _chunk_logits(h_c, w, b, o.temperature, sdt)
-        if use_triton(z) and sdt == torch.float32:
-            # the logits kernel of fastupg.kernels.logits: ONE launch reads the chunk twice and writes its gradient
-            # in place (instead of ~6 elementwise passes in PyTorch); z is already z/T, hence temperature=1 here
-            act = _kernel_chunk_grad(z, tgt[sl], est, x, scale, sl, logp, ent)
-            r = act.nonzero().squeeze(1)
-            if r.numel() == 0:
-                continue
-            if r.numel() < j - i:
-                z = z.index_select(0, r)
-                h_c = h_c.index_select(0, r)
-            g = _grad_in_dtype(z, inv_t, db if need_db else None, h.dtype)
-            del z  # (the fp32 chunk goes before the two GEMMs)
-            _accumulate(g, r + i, h_c, w, dH if need_dh else None, dW if need_dw else None)
-            continue
-        lse = torch.logsumexp(z, dim=-1)
-        z -= lse[:, None]                                    # log p
-        logp[sl] = z.gather(1, tgt[sl, None]).squeeze(1)
-        if need_ent:
-            ent[sl] = -(z.exp() * z).sum(-1)
-        gl, gh = _row_grads(est_tok, logp[sl], ent[sl] if need_ent else None, sl, x, scale, need_ent)
-        act = gl != 0
-        if gh is not None:
-            act |= gh != 0
-        r = act.nonzero().squeeze(1)                         # exactly-zero rows (masked/clipped/weight 0) skipped
-        if r.numel() == 0:
-            continue
-        if r.numel() < j - i:
-            z = z.index_select(0, r)
-            h_c = h_c.index_select(0, r)
-        gl_r, tg = gl[r].to(sdt), tgt[sl][r]
-        if gh is not None:
-            t = z + ent[sl][r, None]
-            z.exp_()
-            t.mul_(gh[r, None].to(sdt)).add_(gl_r[:, None])
-            z.mul_(t).neg_()
-            del t
+    for i in range(0, rows.numel(), step):
+        n = min(step, rows.numel() - i)
+        sel = slice(i, i + n) if dense else rows[i:i + n]
+        h_c = h[sel] if dense else h.index_select(0, sel)
+        if kernel:
+            # the fused loss kernel of fastupg.kernels.logits: ONE launch reads the chunk twice and writes its
+            # gradient w.r.t. the raw logits (temperature applied inside) in the input dtype
+            from fastupg.kernels.logits import loss_and_grad_rows
+            z = _chunk_logits(h_c, w, b, 1.0, sdt)
+            if h.is_cuda or h.dtype == sdt:
+                if gbuf is None:
+                    gbuf = torch.empty(min(step, rows.numel()), V, dtype=h.dtype, device=h.device)
+                g = gbuf[:n]
+            else:
+                g = z  # interpreter: its fp32 -> 16-bit casts are unreliable; convert with torch below
+            xs = {k: (v[sel] if isinstance(v, torch.Tensor) else v) for k, v in x.items()}
+            xs["scale"] = scale[sel].float()
+            _, lp, en, _, _ = loss_and_grad_rows(z, tgt[sel], est, xs, temperature=o.temperature, grad_out=g,
+                                                 checks=checks)
+            logp[sel], ent[sel] = lp.to(sdt), en.to(sdt)
+            if g is z:
+                g = z.to(h.dtype)
+            del z
         else:
-            z.exp_().mul_(-gl_r[:, None])
-        z[torch.arange(r.numel(), device=h.device), tg] += gl_r
-        g = _grad_in_dtype(z, inv_t, db if need_db else None, h.dtype)
-        del z
-        _accumulate(g, r + i, h_c, w, dH if need_dh else None, dW if need_dw else None)
-    return logp, ent, dH, (dW.to(w.dtype) if need_dw else None), db
+            g = _torch_chunk_grad(h_c, w, b, tgt[sel], sel, x, scale, est_tok, need_ent, logp, ent, o, h.dtype)
+        if need_db:
+            db += g.sum(0, dtype=sdt)
+        if need_dh:
+            if dense:
+                torch.mm(g, w, out=dH[sel])
+            else:
+                dH.index_copy_(0, sel, g @ w)
+        if need_dw:
+            dW.addmm_(g.t(), h_c)
+        del g
+    raise_failed_checks(checks)
+    return logp, ent, dH, dW, db
 
 
-def fused_linear_policy_loss(hidden, weight, targets, estimator: Estimator, *, advantages, old_logp=None, mask=None,
-                             offline=None, seq_ids=None, token_weight=None, ref_logp=None, agg=None,
+def _torch_chunk_grad(h_c, w, b, tgt_c, sel, x, scale, est_tok, need_ent, logp, ent, o, dtype):
+    """PyTorch path of one chunk (fp64, or no Triton): fills logp/ent[sel], returns dL/dz in `dtype`."""
+    sdt = _stat_dtype(h_c.dtype)
+    z = _chunk_logits(h_c, w, b, o.temperature, sdt)  # u = z / T
+    lse = torch.logsumexp(z, dim=-1)
+    z -= lse[:, None]                                    # log p
+    logp[sel] = z.gather(1, tgt_c[:, None]).squeeze(1)
+    ent[sel] = -(z.exp() * z).sum(-1)
+    gl, gh = _row_grads(est_tok, logp[sel], ent[sel] if need_ent else None, sel, x, scale, need_ent)
+    gl = gl.to(sdt)
+    if gh is not None:
+        t = z + ent[sel][:, None]
+        z.exp_()
+        t.mul_(gh[:, None].to(sdt)).add_(gl[:, None])
+        z.mul_(t).neg_()
+        del t
+    else:
+        z.exp_().mul_(-gl[:, None])
+    z[torch.arange(z.shape[0], device=z.device), tgt_c] += gl
+    if o.temperature != 1.0:
+        z *= 1.0 / o.temperature                          # dL/dz = dL/du / T
+    return z.to(dtype)
+
+
+def fused_linear_policy_loss(hidden, lm_head_weight, targets, estimator: Estimator, *, advantages, old_logp=None,
+                             mask=None, offline=None, seq_ids=None, weight=None, ref_logp=None, agg=None,
                              temperature=1.0, bias=None, impl=None, exact=True, filter_eps=None,
-                             chunk_bytes=DEFAULT_CHUNK_BYTES, one_pass=None):
+                             chunk_bytes=DEFAULT_CHUNK_BYTES, one_pass=None, token_weight=None):
     """The unified-estimator loss straight from hidden states and the lm_head weight: (loss, metrics).
 
-    `weight` is the lm_head weight (V, D); the per-token weight of `fastupg.policy_loss` (HPT alpha/beta) is called
-    `token_weight` here. Every other keyword has the meaning it has in `fastupg.policy_loss` / `fused_policy_loss`:
-    advantages, old_logp, mask, offline, seq_ids, ref_logp, agg (per-token tensors shaped like targets), plus
-    temperature, bias, impl, exact (see `fused_linear_logprobs`).
+    `lm_head_weight` is the (V, D) lm_head weight (second positional argument). Every keyword has the meaning it has
+    in `fastupg.policy_loss` / `fused_policy_loss`: advantages, old_logp, mask, offline, seq_ids, weight (the
+    per-token weight >= 0, HPT alpha/beta), ref_logp, agg (per-token tensors shaped like targets), plus temperature,
+    bias, impl, exact (see `fused_linear_logprobs`). `token_weight=` is the deprecated old name of `weight=`.
+    The `entropy` metric is the real mean entropy whatever Estimator.entropy_coef (as in fused_policy_loss).
 
     Two paths, same loss, metrics and gradients:
       * two-pass (every estimator, GSPO included; impl triton/torch, or one_pass=False): the vocabulary pass yields
-        O(N) log-probs (+ entropy when Estimator.entropy_coef != 0), `fastupg.policy_loss` runs on them, and its
-        backward hands dL/dl and dL/dH per token to the recompute pass, which skips rows where both are exactly zero.
+        O(N) log-probs and entropies, `fastupg.policy_loss` runs on them, and its backward hands dL/dl and dL/dH per
+        token to the recompute pass, which skips rows where both are exactly zero.
       * one-pass (impl='chunked', token-level estimators, grad enabled, exact; one_pass=None picks it there): each chunk's
-        gradient is formed as soon as its logits exist, so backward only returns the stored dH/dW (3 GEMM-equivalents
+        gradient is formed as soon as its logits exist, so backward only returns the stored dH/dW (3 GEMMs
         instead of 4). dH/dW then live from the forward to the backward: call backward before the next micro-batch's
         forward. exact=False (filtering) is not applied on this path (one_pass=None then takes the two-pass path).
     """
     if not isinstance(estimator, Estimator):
         raise TypeError(f"estimator must be a fastupg.Estimator, got {type(estimator).__name__}")
+    if token_weight is not None:
+        if weight is not None:
+            raise TypeError("pass the per-token weight once: weight= (token_weight= is its deprecated old name)")
+        warnings.warn("fused_linear_policy_loss(token_weight=...) is deprecated: pass weight= (the per-token weight, "
+                      "as in fastupg.policy_loss and fused_policy_loss)", DeprecationWarning, stacklevel=2)
+        weight = token_weight
+    try:
+        return _policy_loss(hidden, lm_head_weight, targets, estimator, advantages=advantages, old_logp=old_logp,
+                            mask=mask, offline=offline, seq_ids=seq_ids, weight=weight, ref_logp=ref_logp, agg=agg,
+                            temperature=temperature, bias=bias, impl=impl, exact=exact, filter_eps=filter_eps,
+                            chunk_bytes=chunk_bytes, one_pass=one_pass)
+    except ValueError as e:
+        _blame_inputs(e, hidden, lm_head_weight, bias)
+        raise
+
+
+def _blame_inputs(e: ValueError, hidden, weight, bias):
+    """Non-finite log-probs come from the inputs the caller passed: name them (not `logp`/`logits`, which the caller
+    of a fused-linear function never passed). Runs only on the error path."""
+    msg = str(e)
+    if "non-finite" not in msg or not any(k in msg for k in ("logp", "logits", "entropy")):
+        return
+    if any(k in msg for k in ("old_logp", "ref_logp", "advantages", "weight contains")):
+        return  # an O(N) argument the caller did pass: its own message already names it
+    bad = [name for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias))
+           if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{' and '.join(bad)} contain{'s' if len(bad) == 1 else ''} non-finite values (nan/inf)") \
+            from e
+    raise ValueError("the logits hidden @ weight.T are non-finite although hidden and weight are finite "
+                     "(overflow in the input dtype? scale the inputs or pass fp32)") from e
+
+
+def _policy_loss(hidden, lm_head_weight, targets, estimator, *, advantages, old_logp, mask, offline, seq_ids, weight,
+                 ref_logp, agg, temperature, bias, impl, exact, filter_eps, chunk_bytes, one_pass):
     need_ent = estimator.entropy_coef != 0
     impl_ = default_impl(hidden.device) if impl is None and isinstance(hidden, torch.Tensor) else impl
     wants_grad = torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in (hidden, weight, bias))
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (hidden, lm_head_weight, bias))
     if one_pass is None:
         one_pass = impl_ == "chunked" and not estimator.sequence_level and wants_grad and bool(exact)
     if one_pass:
@@ -602,34 +653,35 @@ def fused_linear_policy_loss(hidden, weight, targets, estimator: Estimator, *, a
             raise ValueError(f"one_pass=True needs a token-level estimator; {estimator.name!r} is sequence-level")
         if impl_ != "chunked":
             raise ValueError(f"one_pass=True is implemented for impl='chunked' only, got impl={impl_!r}")
-        _validate(hidden, weight, targets, bias, temperature, impl_)
-        o = FusedLinearOptions(impl=impl_, temperature=float(temperature), return_entropy=need_ent,
+        _validate(hidden, lm_head_weight, targets, bias, temperature, impl_)
+        o = FusedLinearOptions(impl=impl_, temperature=float(temperature), return_entropy=True,
                                exact=bool(exact), filter_eps=filter_eps, chunk_bytes=chunk_bytes)
         lead = hidden.shape[:-1]
         h = hidden.reshape(-1, hidden.shape[-1]).detach()
         dev = hidden.device
         kw = dict(advantages=_flat(advantages, lead, dev), old_logp=_flat(old_logp, lead, dev),
                   mask=_flat(mask, lead, dev), offline=_flat(offline, lead, dev),
-                  token_weight=_flat(token_weight, lead, dev), ref_logp=_flat(ref_logp, lead, dev),
+                  token_weight=_flat(weight, lead, dev), ref_logp=_flat(ref_logp, lead, dev),
                   seq_ids=_seq_ids(seq_ids, lead, hidden.device), agg=agg,
                   padded_len=lead[1] if len(lead) == 2 else None)
-        need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        need = (hidden.requires_grad, lm_head_weight.requires_grad, bias is not None and bias.requires_grad)
         with torch.no_grad(), _no_autocast(h.device):
-            logp, ent, dH, dW, db = _one_pass_chunked(h, weight.detach(), None if bias is None else bias.detach(),
+            logp, ent, dH, dW, db = _one_pass_chunked(h, lm_head_weight.detach(),
+                                                      None if bias is None else bias.detach(),
                                                       targets.reshape(-1), estimator, kw, float(temperature), need, o)
             loss, metrics = policy_loss(logp.reshape(lead), estimator, advantages=advantages, old_logp=old_logp,
-                                        mask=mask, offline=offline, seq_ids=seq_ids, weight=token_weight,
-                                        entropy=None if ent is None else ent.reshape(lead), ref_logp=ref_logp,
-                                        agg=agg)
+                                        mask=mask, offline=offline, seq_ids=seq_ids, weight=weight,
+                                        entropy=ent.reshape(lead), ref_logp=ref_logp, agg=agg)
         if dH is not None:
             dH = dH.reshape(hidden.shape)
-        loss = _PrecomputedGrad.apply(loss, hidden, weight, bias, dH, dW, None if db is None else db.to(bias.dtype))
+        loss = _PrecomputedGrad.apply(loss, hidden, lm_head_weight, bias, dH, dW,
+                                      None if db is None else db.to(bias.dtype))
         return loss, metrics
-    out = fused_linear_logprobs(hidden, weight, targets, temperature, return_entropy=need_ent, bias=bias, impl=impl_,
-                                exact=exact, filter_eps=filter_eps, chunk_bytes=chunk_bytes)
-    logp, ent = out if need_ent else (out, None)
+    logp, ent = fused_linear_logprobs(hidden, lm_head_weight, targets, temperature, return_entropy=True, bias=bias,
+                                      impl=impl_, exact=exact, filter_eps=filter_eps, chunk_bytes=chunk_bytes)
     return policy_loss(logp, estimator, advantages=advantages, old_logp=old_logp, mask=mask, offline=offline,
-                       seq_ids=seq_ids, weight=token_weight, entropy=ent, ref_logp=ref_logp, agg=agg)
+                       seq_ids=seq_ids, weight=weight, entropy=ent if need_ent else ent.detach(), ref_logp=ref_logp,
+                       agg=agg)
 
 
 def _flat(t, lead, device=None):
