@@ -84,7 +84,25 @@ class Problem:
 
 
 # -- methods: each returns (forward() -> loss, needs leaves) ----------------------------------------------------------
-def m_fastupg(impl, sft=False, chunk_bytes=DEFAULT_CHUNK_BYTES):
+def m_fastupg(impl, sft=False, chunk_bytes=DEFAULT_CHUNK_BYTES, **knobs):
+    """knobs: module settings of fastupg.kernels.fused_linear (e.g. ONE_PASS_SUBCHUNKS) for the variant rows."""
+    if knobs:
+        import fastupg.kernels.fused_linear as fl  # noqa: PLC0415
+
+        def make_knobbed(p: Problem):
+            fwd, leaves = make(p)
+
+            def run():
+                old = {k: getattr(fl, k) for k in knobs}
+                for k, v in knobs.items():
+                    setattr(fl, k, v)
+                try:
+                    return fwd()
+                finally:
+                    for k, v in old.items():
+                        setattr(fl, k, v)
+            return run, leaves
+
     def make(p: Problem):
         h, w = p.leaves()
         if sft:
@@ -93,7 +111,7 @@ def m_fastupg(impl, sft=False, chunk_bytes=DEFAULT_CHUNK_BYTES):
         return (lambda: fused_linear_policy_loss(h, w, p.targets, p.est, advantages=p.advantages,
                                                  old_logp=p.old_logp, mask=p.mask, impl=impl,
                                                  chunk_bytes=chunk_bytes)[0]), (h, w)
-    return make
+    return make_knobbed if knobs else make
 
 
 def _eager_loss(h, w, targets, est, advantages, old_logp, mask):
@@ -149,8 +167,10 @@ class _Gemm:
 METHODS = {
     "fastupg-triton": m_fastupg("triton"),
     "fastupg-chunked": m_fastupg("chunked"),
-    "fastupg-chunked-128m": m_fastupg("chunked", chunk_bytes=2 ** 27),  # 128 MiB of fp32 logits per chunk
-    "fastupg-chunked-512m": m_fastupg("chunked", chunk_bytes=2 ** 29),  # 512 MiB of fp32 logits per chunk
+    "fastupg-chunked-768m": m_fastupg("chunked", chunk_bytes=768 * 2 ** 20),  # twice the default buffers
+    "fastupg-chunked-k1": m_fastupg("chunked", ONE_PASS_SUBCHUNKS=1),  # gradient GEMMs once per fp32 chunk
+    "fastupg-chunked-k6": m_fastupg("chunked", ONE_PASS_SUBCHUNKS=6),
+    "fastupg-chunked-overlap": m_fastupg("chunked", ONE_PASS_OVERLAP=True),  # gradient GEMMs on a side stream
     "fastupg-torch": m_fastupg("torch"),
     "fastupg-triton-sft": m_fastupg("triton", sft=True),
     "fastupg-chunked-sft": m_fastupg("chunked", sft=True),
@@ -316,8 +336,8 @@ def main(argv=None):
                     continue
                 block.append(run_one(m, p, cuda, a.reps))
                 print(f"# N={N} D={D} {block[-1]}", flush=True)
-            gemm = next((r for r in block if r["method"] == "gemm" and r["total_ms"]), None)
-            liger = next((r for r in block if r["method"] == "liger" and r["total_ms"]), None)
+            gemm = next((r for r in block if r["method"] == "gemm" and r.get("total_ms")), None)
+            liger = next((r for r in block if r["method"] == "liger" and r.get("total_ms")), None)
             for r in block:
                 r["x_gemm"] = r["total_ms"] / gemm["total_ms"] if (gemm and r.get("total_ms")) else None
                 r["x_liger"] = liger["total_ms"] / r["total_ms"] if (liger and r.get("total_ms")) else None

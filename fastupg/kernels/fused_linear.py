@@ -51,9 +51,9 @@ from fastupg.estimator import Estimator, aggregation_weights, policy_loss, prepa
 from fastupg.kernels.logits import use_triton
 
 IMPLS = ("triton", "chunked", "torch")
-# Chunked impl: bytes of fp32 logits per chunk. Measured on an H200 (benchmarks/RESULTS.md, N=8192, D=1536,
-# V=151936): 2^30 -> 34.7 ms fwd+bwd, 2.3 GiB peak; 2^27 -> 108 ms, 1.9 GiB (chunks of ~220 rows starve the GPU).
-DEFAULT_CHUNK_BYTES = 2 ** 28
+# Chunked impl: bytes of the vocabulary-sized buffers (fp32 logits chunk + gradient rows) live at any time; the
+# issue-13 budget is 512 MiB beyond the inputs and gradients, O(N) statistics included. See benchmarks/RESULTS.md.
+DEFAULT_CHUNK_BYTES = 384 * 2 ** 20
 _CHUNK_FILTER_BLOCK = 4096  # chunked impl, exact=False: vocabulary columns per filtering block
 
 
@@ -65,7 +65,7 @@ class FusedLinearOptions:
     return_entropy: bool = False
     exact: bool = True
     filter_eps: float | None = None   # None: 2^-12 for 16-bit inputs, 2^-20 for fp32 (only used when exact=False)
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES  # chunked impl: bytes of fp32 logits per chunk (about 2 such buffers live)
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES  # chunked impl: bytes of its vocabulary-sized buffers, all of them
     block_n: int = 64
     block_v: int = 128
     block_d: int = 64
@@ -168,8 +168,27 @@ def _torch_logprobs(h, w, b, tgt, temperature, return_entropy):
 
 
 # -- chunked (torch matmul per row chunk) ---------------------------------------------------------------------------
-def _rows_per_chunk(V: int, chunk_bytes: int) -> int:
-    return max(1, chunk_bytes // (4 * V))
+ONE_PASS_SUBCHUNKS = 3  # fp32 logits chunks per gradient group (one-pass path); see _one_pass_rows
+# one-pass path on CUDA: the gradient GEMMs of a group on a side stream, overlapping the next group's logits GEMM and
+# loss kernel (two gradient buffers within the same chunk_bytes)
+ONE_PASS_OVERLAP = False
+
+
+def _one_pass_rows(V: int, esize: int, chunk_bytes: int, k: int | None = None) -> tuple[int, int]:
+    """(rows per fp32 logits chunk, rows per gradient group) of the one-pass path within `chunk_bytes`.
+
+    The group's gradient rows (input dtype) feed the two gradient GEMMs once per group, so dW += g^T H runs with
+    K = group rows and pays its read-modify-write of the V x D gradient once per group; the fp32 logits are only
+    needed for one chunk at a time. 4 n V + esize k n V <= chunk_bytes with k chunks per group (bf16, k = 3: n =
+    chunk_bytes / 10 V; 265 fp32 rows and 795 gradient rows at 384 MiB, V = 151936).
+    """
+    k = ONE_PASS_SUBCHUNKS if k is None else k
+    n = max(1, chunk_bytes // ((4 + esize * k) * V))
+    return n, n * k
+
+
+def _rows_per_chunk(V: int, chunk_bytes: int, bytes_per_logit: int = 4) -> int:
+    return max(1, chunk_bytes // (bytes_per_logit * V))
 
 
 def _matmul_f32(h_c, w, sdt):
@@ -253,7 +272,7 @@ def _chunked_backward(h, w, b, rows, tgt, lse, ent, gl, gh, o: FusedLinearOption
     db = torch.zeros(V, dtype=sdt, device=w.device) if need_db else None
     eps = o.eps_for(h.dtype)
     vblock = _CHUNK_FILTER_BLOCK
-    step = _rows_per_chunk(V, o.chunk_bytes)
+    step = _rows_per_chunk(V, o.chunk_bytes, 4 + 4 + h.element_size())  # fp32 logits, one fp32 temporary, g
     for i in range(0, rows.numel(), step):
         r = rows[i:i + step]
         h_c = h.index_select(0, r)
@@ -472,9 +491,16 @@ class _PrecomputedGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, go):
-        dH, dW, db = ctx.grads  # kept (not consumed) so that backward(retain_graph=True) twice stays correct
-        unit = bool(go == 1)    # the usual case: hand the buffers out as they are, no extra dW-sized copy
-        sc = (lambda t: None if t is None else (t if unit else t * go.to(t.dtype)))  # noqa: E731
+        if ctx.grads is None:
+            raise RuntimeError("fused_linear_policy_loss (one-pass path) hands its precomputed gradients out on the "
+                               "first backward; for a second backward (retain_graph=True) pass one_pass=False")
+        dH, dW, db = ctx.grads
+        if bool(go == 1):
+            # the usual case: give the buffers away (ctx forgets them) so that AccumulateGrad adopts them as .grad
+            # instead of copying: a kept reference would cost a weight-sized copy (445 MiB at D = 1536, measured)
+            ctx.grads = None
+            return None, dH, dW, db, None, None, None
+        sc = (lambda t: None if t is None else t * go.to(t.dtype))  # noqa: E731  (new tensors; buffers kept)
         return None, sc(dH), sc(dW), sc(db), None, None, None
 
 
@@ -518,46 +544,72 @@ def _one_pass_chunked(h, w, b, tgt, est, kw, temperature, need, o: FusedLinearOp
                                          dataclasses.replace(o, return_entropy=True))
         logp[idle], ent[idle] = lp_i, en_i
     kernel = use_triton(h) and sdt == torch.float32
-    gbuf = None
     checks: list = []
-    step = _rows_per_chunk(V, o.chunk_bytes)
-    for i in range(0, rows.numel(), step):
-        n = min(step, rows.numel() - i)
-        sel = slice(i, i + n) if dense else rows[i:i + n]
-        h_c = h[sel] if dense else h.index_select(0, sel)
-        if kernel:
-            # the fused loss kernel of fastupg.kernels.logits: ONE launch reads the chunk twice and writes its
-            # gradient w.r.t. the raw logits (temperature applied inside) in the input dtype
-            from fastupg.kernels.logits import loss_and_grad_rows
-            z = _chunk_logits(h_c, w, b, 1.0, sdt)
-            if h.is_cuda or h.dtype == sdt:
-                if gbuf is None:
-                    gbuf = torch.empty(min(step, rows.numel()), V, dtype=h.dtype, device=h.device)
-                g = gbuf[:n]
+    overlap = ONE_PASS_OVERLAP and h.is_cuda
+    n_sub, n_grp = _one_pass_rows(V, h.element_size() * (2 if overlap else 1), o.chunk_bytes)
+    M = rows.numel()
+    nbuf = 2 if overlap else 1
+    gbufs = [torch.empty(min(n_grp, M), V, dtype=h.dtype, device=h.device) for _ in range(nbuf if M else 0)]
+    side = torch.cuda.Stream(device=h.device) if overlap else None
+    done = [None] * nbuf  # overlap: event after the gradient GEMMs that read gbufs[k]
+    xs_all = dict(x, scale=scale.float())
+    for j, g0 in enumerate(range(0, M, n_grp)):
+        gn = min(n_grp, M - g0)
+        gsel = slice(g0, g0 + gn) if dense else rows[g0:g0 + gn]
+        h_g = h[gsel] if dense else h.index_select(0, gsel)
+        g_g = gbufs[j % nbuf][:gn]
+        if overlap and done[j % nbuf] is not None:
+            torch.cuda.current_stream(h.device).wait_event(done[j % nbuf])  # its previous group's GEMMs read it
+        for s0 in range(0, gn, n_sub):
+            sn = min(n_sub, gn - s0)
+            sel = slice(g0 + s0, g0 + s0 + sn) if dense else rows[g0 + s0:g0 + s0 + sn]
+            h_c, g_c = h_g[s0:s0 + sn], g_g[s0:s0 + sn]
+            if kernel:
+                # the fused loss kernel of fastupg.kernels.logits: ONE launch reads the fp32 logits twice and writes
+                # their gradient (temperature applied inside) in the input dtype into the group's gradient rows
+                from fastupg.kernels.logits import loss_and_grad_rows
+                z = _chunk_logits(h_c, w, b, 1.0, sdt)
+                # interpreter: its fp32 -> 16-bit casts are unreliable; write fp32 into z, convert with torch below
+                into = g_c if (h.is_cuda or h.dtype == sdt) else z
+                xs = {k: (v[sel] if isinstance(v, torch.Tensor) else v) for k, v in xs_all.items()}
+                _, lp, en, _, _ = loss_and_grad_rows(z, tgt[sel], est, xs, temperature=o.temperature, grad_out=into,
+                                                     checks=checks)
+                logp[sel], ent[sel] = lp.to(sdt), en.to(sdt)
+                if into is z:
+                    g_c.copy_(z)
+                del z
             else:
-                g = z  # interpreter: its fp32 -> 16-bit casts are unreliable; convert with torch below
-            xs = {k: (v[sel] if isinstance(v, torch.Tensor) else v) for k, v in x.items()}
-            xs["scale"] = scale[sel].float()
-            _, lp, en, _, _ = loss_and_grad_rows(z, tgt[sel], est, xs, temperature=o.temperature, grad_out=g,
-                                                 checks=checks)
-            logp[sel], ent[sel] = lp.to(sdt), en.to(sdt)
-            if g is z:
-                g = z.to(h.dtype)
-            del z
+                g_c.copy_(_torch_chunk_grad(h_c, w, b, tgt[sel], sel, x, scale, est_tok, need_ent, logp, ent, o,
+                                            h.dtype))
+        # the two gradient GEMMs once per group: K = n_grp rows for dW's accumulation (its read-modify-write of the
+        # weight-sized buffer is paid once per group, not once per fp32 chunk)
+        if overlap:  # on a side stream, while the main stream computes the next group's logits and gradient
+            side.wait_stream(torch.cuda.current_stream(h.device))
+            if not dense:
+                h_g.record_stream(side)
+            with torch.cuda.stream(side):
+                _group_gemms(g_g, h_g, w, gsel, dense, dH, dW, db, sdt, need_dh, need_dw, need_db)
+                done[j % nbuf] = torch.cuda.Event()
+                done[j % nbuf].record(side)
         else:
-            g = _torch_chunk_grad(h_c, w, b, tgt[sel], sel, x, scale, est_tok, need_ent, logp, ent, o, h.dtype)
-        if need_db:
-            db += g.sum(0, dtype=sdt)
-        if need_dh:
-            if dense:
-                torch.mm(g, w, out=dH[sel])
-            else:
-                dH.index_copy_(0, sel, g @ w)
-        if need_dw:
-            dW.addmm_(g.t(), h_c)
-        del g
+            _group_gemms(g_g, h_g, w, gsel, dense, dH, dW, db, sdt, need_dh, need_dw, need_db)
+    if overlap:
+        torch.cuda.current_stream(h.device).wait_stream(side)
     raise_failed_checks(checks)
     return logp, ent, dH, dW, db
+
+
+def _group_gemms(g_g, h_g, w, gsel, dense, dH, dW, db, sdt, need_dh, need_dw, need_db):
+    """dH[rows] = g @ W (in place), dW += g^T @ H_rows (addmm_ into the gradient), db += column sums of g."""
+    if need_db:
+        db += g_g.sum(0, dtype=sdt)
+    if need_dh:
+        if dense:
+            torch.mm(g_g, w, out=dH[gsel])
+        else:
+            dH.index_copy_(0, gsel, g_g @ w)
+    if need_dw:
+        dW.addmm_(g_g.t(), h_g)
 
 
 def _torch_chunk_grad(h_c, w, b, tgt_c, sel, x, scale, est_tok, need_ent, logp, ent, o, dtype):
