@@ -170,7 +170,6 @@ METHODS = {
     "fastupg-chunked-768m": m_fastupg("chunked", chunk_bytes=768 * 2 ** 20),  # twice the default buffers
     "fastupg-chunked-k1": m_fastupg("chunked", ONE_PASS_SUBCHUNKS=1),  # gradient GEMMs once per fp32 chunk
     "fastupg-chunked-k6": m_fastupg("chunked", ONE_PASS_SUBCHUNKS=6),
-    "fastupg-chunked-overlap": m_fastupg("chunked", ONE_PASS_OVERLAP=True),  # gradient GEMMs on a side stream
     "fastupg-torch": m_fastupg("torch"),
     "fastupg-triton-sft": m_fastupg("triton", sft=True),
     "fastupg-chunked-sft": m_fastupg("chunked", sft=True),

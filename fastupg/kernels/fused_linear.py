@@ -13,13 +13,15 @@ Public API
 impl
     "triton"   fully fused Triton kernels (fastupg/kernels/_fused_linear_triton.py); CUDA, or CPU under
                TRITON_INTERPRET=1 (slow, for tests)
-    "chunked"  torch matmul per chunk of rows; the logits of one chunk (bounded by `chunk_bytes`, 2^30 by default)
-               are the only vocabulary-sized buffer
+    "chunked"  cuBLAS GEMMs per chunk of rows: fp32 logits of one chunk, the logits kernel of
+               fastupg.kernels.logits turns them into the gradient (input dtype), dH = g @ W written in place and
+               dW += g^T @ H by addmm_ into the gradient; all vocabulary-sized buffers together stay within
+               `chunk_bytes` (384 MiB by default)
     "torch"    the plain reference: materialises the N x V logits, autograd does the rest; float64-capable oracle
     None       chunked on CUDA and on CPU with TRITON_INTERPRET=1, torch on plain CPU. Picked by measurement on an
-               H200 (benchmarks/RESULTS.md): at N=8192, D=1536, V=151936 bf16, chunked takes 34.7 ms fwd+bwd, the
-               triton impl 303 ms (its backward accumulates dW with fp32 atomics from every row block: correct, but
-               far from the GEMM roofline; kept for its O(tile) memory and as the base of future work).
+               H100 (benchmarks/RESULTS.md): at N=8192, D=1536, V=151936 bf16, chunked takes 32.8 ms fwd+bwd (2.06x
+               the three bare GEMMs, 386 MiB beyond inputs and gradients), the triton impl 390 ms (its backward
+               accumulates dH/dW with fp32 atomics from every tile: correct, but far from the GEMM roofline).
 
 Gradient of one row (u = z / T the tempered logits, p = softmax(u), l = log p[y], H = -sum p log p):
     dL/dz_j = [ dL/dl * (onehot_j - p_j)  -  dL/dH * p_j * (log p_j + H) ] / T
@@ -33,8 +35,11 @@ skipped columns; the tests accept a relative error of 1e-2 for exact=False.
 Precision (the same whatever the caller's autocast state: autocast is switched off inside, forward and backward):
 the statistics (log-sum-exp, entropy) and the returned log-probs are float32 (float64 for float64 inputs,
 torch/chunked impls); the logits are accumulated and kept in fp32 from the operands as passed (fp32 weights under
-autocast give fp32 GEMMs; tl.dot; torch.mm(..., out_dtype=fp32) in the chunked impl), the same in forward and backward. g is rounded to the input dtype before the two gradient GEMMs (tensor cores). Gradients of bf16 inputs are accumulated in fp32 and returned in the
-input dtype.
+autocast give fp32 GEMMs; tl.dot; torch.mm(..., out_dtype=fp32) in the chunked impl), the same in forward and
+backward. g is rounded to the input dtype before the two gradient GEMMs (tensor cores), which accumulate in fp32.
+Across row groups, the chunked impl accumulates dW in the weight's dtype (one bf16 rounding per group of ~800 rows,
+as Liger does per chunk: no fp32 weight-sized buffer; measured 7.7e-3 relative error at 32k tokens, within the bf16
+tolerance); the triton impl accumulates in fp32.
 """
 from __future__ import annotations
 
@@ -85,7 +90,7 @@ def _no_autocast(device: torch.device):
 
 
 def default_impl(device: torch.device) -> str:
-    """chunked on CUDA (measured 9x faster than the triton impl on an H200) and under TRITON_INTERPRET=1, else torch."""
+    """chunked on CUDA (measured 12x faster than the triton impl on an H100) and under TRITON_INTERPRET=1, else torch."""
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return "chunked"
     return "torch"
@@ -169,9 +174,6 @@ def _torch_logprobs(h, w, b, tgt, temperature, return_entropy):
 
 # -- chunked (torch matmul per row chunk) ---------------------------------------------------------------------------
 ONE_PASS_SUBCHUNKS = 3  # fp32 logits chunks per gradient group (one-pass path); see _one_pass_rows
-# one-pass path on CUDA: the gradient GEMMs of a group on a side stream, overlapping the next group's logits GEMM and
-# loss kernel (two gradient buffers within the same chunk_bytes)
-ONE_PASS_OVERLAP = False
 
 
 def _one_pass_rows(V: int, esize: int, chunk_bytes: int, k: int | None = None) -> tuple[int, int]:
@@ -545,21 +547,15 @@ def _one_pass_chunked(h, w, b, tgt, est, kw, temperature, need, o: FusedLinearOp
         logp[idle], ent[idle] = lp_i, en_i
     kernel = use_triton(h) and sdt == torch.float32
     checks: list = []
-    overlap = ONE_PASS_OVERLAP and h.is_cuda
-    n_sub, n_grp = _one_pass_rows(V, h.element_size() * (2 if overlap else 1), o.chunk_bytes)
+    n_sub, n_grp = _one_pass_rows(V, h.element_size(), o.chunk_bytes)
     M = rows.numel()
-    nbuf = 2 if overlap else 1
-    gbufs = [torch.empty(min(n_grp, M), V, dtype=h.dtype, device=h.device) for _ in range(nbuf if M else 0)]
-    side = torch.cuda.Stream(device=h.device) if overlap else None
-    done = [None] * nbuf  # overlap: event after the gradient GEMMs that read gbufs[k]
+    gbuf = torch.empty(min(n_grp, M), V, dtype=h.dtype, device=h.device) if M else None
     xs_all = dict(x, scale=scale.float())
-    for j, g0 in enumerate(range(0, M, n_grp)):
+    for g0 in range(0, M, n_grp):
         gn = min(n_grp, M - g0)
         gsel = slice(g0, g0 + gn) if dense else rows[g0:g0 + gn]
         h_g = h[gsel] if dense else h.index_select(0, gsel)
-        g_g = gbufs[j % nbuf][:gn]
-        if overlap and done[j % nbuf] is not None:
-            torch.cuda.current_stream(h.device).wait_event(done[j % nbuf])  # its previous group's GEMMs read it
+        g_g = gbuf[:gn]
         for s0 in range(0, gn, n_sub):
             sn = min(n_sub, gn - s0)
             sel = slice(g0 + s0, g0 + s0 + sn) if dense else rows[g0 + s0:g0 + s0 + sn]
@@ -582,19 +578,10 @@ def _one_pass_chunked(h, w, b, tgt, est, kw, temperature, need, o: FusedLinearOp
                 g_c.copy_(_torch_chunk_grad(h_c, w, b, tgt[sel], sel, x, scale, est_tok, need_ent, logp, ent, o,
                                             h.dtype))
         # the two gradient GEMMs once per group: K = n_grp rows for dW's accumulation (its read-modify-write of the
-        # weight-sized buffer is paid once per group, not once per fp32 chunk)
-        if overlap:  # on a side stream, while the main stream computes the next group's logits and gradient
-            side.wait_stream(torch.cuda.current_stream(h.device))
-            if not dense:
-                h_g.record_stream(side)
-            with torch.cuda.stream(side):
-                _group_gemms(g_g, h_g, w, gsel, dense, dH, dW, db, sdt, need_dh, need_dw, need_db)
-                done[j % nbuf] = torch.cuda.Event()
-                done[j % nbuf].record(side)
-        else:
-            _group_gemms(g_g, h_g, w, gsel, dense, dH, dW, db, sdt, need_dh, need_dw, need_db)
-    if overlap:
-        torch.cuda.current_stream(h.device).wait_stream(side)
+        # weight-sized buffer is paid once per group, not once per fp32 chunk). Running them on a side stream to
+        # overlap the next group's logits and loss kernel was measured slower on an H100 (1.14-2.13x the time of this
+        # serial order; benchmarks/RESULTS.md), so they run in order.
+        _group_gemms(g_g, h_g, w, gsel, dense, dH, dW, db, sdt, need_dh, need_dw, need_db)
     raise_failed_checks(checks)
     return logp, ent, dH, dW, db
 
