@@ -85,9 +85,9 @@ class Problem:
 
 # -- methods: each returns (forward() -> loss, needs leaves) ----------------------------------------------------------
 def m_fastupg(impl, sft=False, chunk_bytes=DEFAULT_CHUNK_BYTES, **knobs):
-    """knobs: module settings of fastupg.kernels.fused_linear (e.g. ONE_PASS_SUBCHUNKS) for the variant rows."""
+    """knobs: module settings of fastupg.kernels._fused_linear_chunked (e.g. ONE_PASS_SUBCHUNKS), variant rows."""
     if knobs:
-        import fastupg.kernels.fused_linear as fl  # noqa: PLC0415
+        import fastupg.kernels._fused_linear_chunked as fl  # noqa: PLC0415  (the chunked impl's module settings)
 
         def make_knobbed(p: Problem):
             fwd, leaves = make(p)
@@ -182,7 +182,8 @@ METHODS = {
 GPU_ONLY = {"fastupg-triton", "fastupg-triton-sft", "liger", "cce", "compile"}
 QUICK = ("fastupg-chunked", "fastupg-torch", "eager", "gemm")  # --quick (CPU, CI): one row per kind of path
 # slow or memory-hungry peers: skipped above --slow-max-n tokens so that one GPU call covers every size
-SLOW = {"fastupg-triton", "fastupg-triton-sft", "fastupg-torch", "eager", "compile", "liger", "cce"}
+SLOW = {"fastupg-triton", "fastupg-triton-sft", "fastupg-torch", "eager", "compile", "liger", "cce",
+        "fastupg-chunked-sft"}  # (the -sft row is the peer of cce)
 
 
 # -- measurement ------------------------------------------------------------------------------------------------------

@@ -24,6 +24,10 @@ else
   export PYTHONPATH="$ROOT:${PYTHONPATH:-}"
 fi
 export PYTHONUNBUFFERED=1
+if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "gpu_suite.sh: no CUDA GPU visible (run it on the lent GPU machine; CPU smoke runs: the benchmarks' --quick)" >&2
+  exit 2
+fi
 START=$(date +%s)
 status=0
 : >"$OUT_DIR/summary.txt"
@@ -65,8 +69,8 @@ if [ -f benchmarks/bench_logits.py ]; then
   fi
 fi
 mkdir -p "$OUT_DIR/fused_linear"
-step bench_fused_linear 240 "$OUT_DIR/fused_linear/bench_fused_linear.txt" \
-  python3 benchmarks/bench_fused_linear.py --n $NS --d 1536 3584 --reps 3 --slow-max-n 8192 \
+step bench_fused_linear 250 "$OUT_DIR/fused_linear/bench_fused_linear.txt" \
+  python3 benchmarks/bench_fused_linear.py --n $NS --d 1536 3584 --reps 2 --slow-max-n 8192 \
   --methods gemm fastupg-chunked fastupg-triton compile liger cce fastupg-chunked-sft --out "$OUT_DIR/fused_linear"
 if [ -f benchmarks/bench_long_context.py ]; then
   mkdir -p "$OUT_DIR/long_context"

@@ -14,6 +14,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
+import fastupg.kernels._fused_linear_chunked as flc  # noqa: E402
 import fastupg.kernels.fused_linear as fl  # noqa: E402
 from fastupg.estimator import PRESETS, Estimator, policy_loss  # noqa: E402
 from fastupg.kernels.fused_linear import fused_linear_logprobs, fused_linear_policy_loss  # noqa: E402
@@ -154,7 +155,7 @@ def test_logprobs_entropy_gradients_3d_and_impls_agree():
 
 @pytest.mark.parametrize("impl", ["chunked", "triton"])
 def test_inexact_gradient_filtering(impl, monkeypatch):
-    monkeypatch.setattr(fl, "_CHUNK_FILTER_BLOCK", 128)
+    monkeypatch.setattr(flc, "_CHUNK_FILTER_BLOCK", 128)
     # peaked softmax (large logits): most vocabulary tiles hold only negligible probabilities
     # and every target in the first tile, so that the other tiles are candidates for skipping
     est, h, w, b, tgt, kw = _case("grpo", N=32, D=40, seed=5, scale=0.5, tgt_max=100)
