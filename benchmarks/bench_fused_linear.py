@@ -299,7 +299,8 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (advantage granularity)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--csv", default="benchmarks/bench_fused_linear.csv")
+    ap.add_argument("--csv", default=None, help="write the rows as CSV here (nothing is written into the source "
+                    "tree unless asked)")
     ap.add_argument("--quick", action="store_true", help="tiny CPU smoke run (torch paths only)")
     ap.add_argument("--out", default=None, help="folder for fused_linear.csv/.json/.txt and the PNG plots "
                     "(overrides --csv/--json)")

@@ -235,7 +235,9 @@ def _one_pass_chunked(h, w, b, tgt, est, kw, temperature, need, o: FusedLinearOp
                                          dataclasses.replace(o, return_entropy=True))
         logp[idle], ent[idle] = lp_i, en_i
     kernel = use_triton(h) and sdt == torch.float32
-    checks: list = []
+    # rows of weight 0 skip the vocabulary pass; non-finite hidden states there must still raise, as on the other
+    # paths (read once, O(N D); evaluated with the other checks in one host sync at the end)
+    checks: list = [((~torch.isfinite(h)).any(), "hidden contains non-finite values (nan/inf)")]
     n_sub, n_grp = _one_pass_rows(V, h.element_size(), o.chunk_bytes)
     M = rows.numel()
     gbuf = torch.empty(min(n_grp, M), V, dtype=h.dtype, device=h.device) if M else None

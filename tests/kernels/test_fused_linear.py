@@ -352,7 +352,7 @@ def test_fp32_logits_under_bf16_autocast(impl, backward_under_autocast):
     if not backward_under_autocast:
         loss.backward()
     assert lp.dtype == torch.float32 and ent.dtype == torch.float32
-    assert float((lp.double() - lr.detach()).abs().max()) < 1e-4
+    assert float((lp.detach().double() - lr.detach()).abs().max()) < 1e-4
     assert float((ent.double() - er.detach()).abs().max()) < 1e-4
     assert _rel(hx.grad, hr.grad) < 1e-4 and _rel(wx.grad, wr.grad) < 1e-4
 
@@ -392,6 +392,12 @@ def test_nan_hidden_is_named_hidden(impl, one_pass):
     with pytest.raises(ValueError, match=r"^hidden contains non-finite"):
         loss, _ = fused_linear_policy_loss(h.requires_grad_(), w.float().requires_grad_(), tgt, est, impl=impl,
                                            one_pass=one_pass, **kwx)
+    h2 = h.detach().nan_to_num()
+    h2[0, 1] = float("nan")  # row 0 is masked: every path must still refuse it (it did on the torch path)
+    assert not bool(kw["mask"][0])
+    with pytest.raises(ValueError, match=r"^hidden contains non-finite"):
+        fused_linear_policy_loss(h2.requires_grad_(), w.float().requires_grad_(), tgt, est, impl=impl,
+                                 one_pass=one_pass, **kwx)
     wn = w.float().clone()
     wn[int(tgt[1]), 0] = float("inf")
     with pytest.raises(ValueError, match=r"^weight contains non-finite"):
