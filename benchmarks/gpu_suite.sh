@@ -8,7 +8,8 @@
 # and summary.txt (exit status of every step). A failed correctness check stops nothing (every output is worth
 # having) but makes the script exit 1. Wheels of the peers (liger-kernel, cut-cross-entropy) in .whl/ are installed
 # into /tmp/site first when present (a GPU machine without network). Time limits per step keep the whole under
-# ~9.5 minutes: SUITE_FAST=1 halves the benchmark sizes.
+# ~9.5 minutes: SUITE_FAST=1 drops N = 128k from the fused-linear benchmark; SUITE_ONLY="check fused_linear" (any of
+# check, logits, fused_linear, long) runs a subset, e.g. to split the suite over two calls.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -30,6 +31,8 @@ if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else
 fi
 START=$(date +%s)
 status=0
+ONLY=" ${SUITE_ONLY:-check logits fused_linear long} "
+want() { [[ "$ONLY" == *" $1 "* ]]; }
 : >"$OUT_DIR/summary.txt"
 
 step() {  # step NAME SECONDS LOGFILE CMD...
@@ -56,11 +59,13 @@ PY
 cat "$OUT_DIR/env.txt"
 
 # 1. correctness (exits 1 on any failure)
-step check_cuda 150 "$OUT_DIR/check_cuda.txt" python3 benchmarks/check_cuda.py || status=1
+if want check; then
+  step check_cuda 200 "$OUT_DIR/check_cuda.txt" python3 benchmarks/check_cuda.py || status=1
+fi
 
 # 2. benchmarks (each bounded; a step cut short keeps the rows it printed)
 if [ "${SUITE_FAST:-0}" = 1 ]; then NS="8192 32768"; else NS="8192 32768 131072"; fi
-if [ -f benchmarks/bench_logits.py ]; then
+if want logits && [ -f benchmarks/bench_logits.py ]; then
   mkdir -p "$OUT_DIR/logits"
   if python3 benchmarks/bench_logits.py --help 2>/dev/null | grep -q -- "--out"; then
     step bench_logits 90 "$OUT_DIR/logits/bench_logits.txt" python3 benchmarks/bench_logits.py --out "$OUT_DIR/logits"
@@ -68,13 +73,15 @@ if [ -f benchmarks/bench_logits.py ]; then
     step bench_logits 90 "$OUT_DIR/logits/bench_logits.txt" python3 benchmarks/bench_logits.py
   fi
 fi
-mkdir -p "$OUT_DIR/fused_linear"
-step bench_fused_linear 250 "$OUT_DIR/fused_linear/bench_fused_linear.txt" \
-  python3 benchmarks/bench_fused_linear.py --n $NS --d 1536 3584 --reps 2 --slow-max-n 8192 \
-  --methods gemm fastupg-chunked fastupg-triton compile liger cce fastupg-chunked-sft --out "$OUT_DIR/fused_linear"
-if [ -f benchmarks/bench_long_context.py ]; then
+if want fused_linear; then
+  mkdir -p "$OUT_DIR/fused_linear"
+  step bench_fused_linear 200 "$OUT_DIR/fused_linear/bench_fused_linear.txt" \
+    python3 benchmarks/bench_fused_linear.py --n $NS --d 1536 3584 --reps 2 --slow-max-n 8192 \
+    --methods gemm fastupg-chunked fastupg-triton compile liger cce fastupg-chunked-sft --out "$OUT_DIR/fused_linear"
+fi
+if want long && [ -f benchmarks/bench_long_context.py ]; then
   mkdir -p "$OUT_DIR/long_context"
-  left=$(( 560 - ($(date +%s) - START) ))
+  left=$(( 570 - ($(date +%s) - START) ))
   [ $left -gt 30 ] && step bench_long_context $left "$OUT_DIR/long_context/bench_long_context.txt" \
     python3 benchmarks/bench_long_context.py --out "$OUT_DIR/long_context"
 fi
