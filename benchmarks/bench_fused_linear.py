@@ -4,6 +4,9 @@ Cross-Entropy and the cuBLAS roofline (goals and results: benchmarks/RESULTS.md)
     python benchmarks/bench_fused_linear.py                       # GPU: N in {8k, 32k, 128k}, D in {1536, 3584}
     python benchmarks/bench_fused_linear.py --quick               # CPU smoke run: tiny sizes, torch paths only
     python benchmarks/bench_fused_linear.py --n 8192 --d 1536 --methods fastupg-triton gemm
+    python benchmarks/bench_fused_linear.py --out DIR             # DIR/fused_linear.{csv,json,txt} + plots (PNG)
+    pytest benchmarks/test_bench_fused_linear.py --benchmark-json out.json   # the same rows as a pytest-benchmark suite
+    python benchmarks/plot_bench.py out.json --out DIR            # time and peak memory vs N per method (PNG)
 
 Each row: one method at one (N, D), V = 151936, bf16, the DAPO estimator (token-mean, clip 0.2/0.28) on sequences of
 --seq-len tokens with one advantage per sequence and old_logp = the current log-probs (the first update of a
@@ -38,6 +41,7 @@ import weakref
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fastupg.estimator import Estimator, policy_loss  # noqa: E402
 from fastupg.kernels.fused_linear import (DEFAULT_CHUNK_BYTES, fused_linear_logprobs,  # noqa: E402
@@ -80,7 +84,25 @@ class Problem:
 
 
 # -- methods: each returns (forward() -> loss, needs leaves) ----------------------------------------------------------
-def m_fastupg(impl, sft=False, chunk_bytes=DEFAULT_CHUNK_BYTES):
+def m_fastupg(impl, sft=False, chunk_bytes=DEFAULT_CHUNK_BYTES, **knobs):
+    """knobs: module settings of fastupg.kernels._fused_linear_chunked (e.g. ONE_PASS_SUBCHUNKS), variant rows."""
+    if knobs:
+        import fastupg.kernels._fused_linear_chunked as fl  # noqa: PLC0415  (the chunked impl's module settings)
+
+        def make_knobbed(p: Problem):
+            fwd, leaves = make(p)
+
+            def run():
+                old = {k: getattr(fl, k) for k in knobs}
+                for k, v in knobs.items():
+                    setattr(fl, k, v)
+                try:
+                    return fwd()
+                finally:
+                    for k, v in old.items():
+                        setattr(fl, k, v)
+            return run, leaves
+
     def make(p: Problem):
         h, w = p.leaves()
         if sft:
@@ -89,7 +111,7 @@ def m_fastupg(impl, sft=False, chunk_bytes=DEFAULT_CHUNK_BYTES):
         return (lambda: fused_linear_policy_loss(h, w, p.targets, p.est, advantages=p.advantages,
                                                  old_logp=p.old_logp, mask=p.mask, impl=impl,
                                                  chunk_bytes=chunk_bytes)[0]), (h, w)
-    return make
+    return make_knobbed if knobs else make
 
 
 def _eager_loss(h, w, targets, est, advantages, old_logp, mask):
@@ -145,7 +167,9 @@ class _Gemm:
 METHODS = {
     "fastupg-triton": m_fastupg("triton"),
     "fastupg-chunked": m_fastupg("chunked"),
-    "fastupg-chunked-128m": m_fastupg("chunked", chunk_bytes=2 ** 27),  # 128 MiB of fp32 logits per chunk
+    "fastupg-chunked-768m": m_fastupg("chunked", chunk_bytes=768 * 2 ** 20),  # twice the default buffers
+    "fastupg-chunked-k1": m_fastupg("chunked", ONE_PASS_SUBCHUNKS=1),  # gradient GEMMs once per fp32 chunk
+    "fastupg-chunked-k6": m_fastupg("chunked", ONE_PASS_SUBCHUNKS=6),
     "fastupg-torch": m_fastupg("torch"),
     "fastupg-triton-sft": m_fastupg("triton", sft=True),
     "fastupg-chunked-sft": m_fastupg("chunked", sft=True),
@@ -156,6 +180,10 @@ METHODS = {
     "gemm": None,
 }
 GPU_ONLY = {"fastupg-triton", "fastupg-triton-sft", "liger", "cce", "compile"}
+QUICK = ("fastupg-chunked", "fastupg-torch", "eager", "gemm")  # --quick (CPU, CI): one row per kind of path
+# slow or memory-hungry peers: skipped above --slow-max-n tokens so that one GPU call covers every size
+SLOW = {"fastupg-triton", "fastupg-triton-sft", "fastupg-torch", "eager", "compile", "liger", "cce",
+        "fastupg-chunked-sft"}  # (the -sft row is the peer of cce)
 
 
 # -- measurement ------------------------------------------------------------------------------------------------------
@@ -271,14 +299,22 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (advantage granularity)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--csv", default=None, help="also write the rows to this CSV file (default: print only)")
+    ap.add_argument("--csv", default=None, help="write the rows as CSV here (nothing is written into the source "
+                    "tree unless asked)")
     ap.add_argument("--quick", action="store_true", help="tiny CPU smoke run (torch paths only)")
+    ap.add_argument("--out", default=None, help="folder for fused_linear.csv/.json/.txt and the PNG plots "
+                    "(overrides --csv/--json)")
+    ap.add_argument("--json", default=None, help="pytest-benchmark-shaped JSON of the rows (plot_bench.py reads it)")
+    ap.add_argument("--slow-max-n", type=int, default=None,
+                    help=f"skip the slow peers {sorted(SLOW)} above this many tokens")
     a = ap.parse_args(argv)
+    if a.out:
+        a.csv, a.json = os.path.join(a.out, "fused_linear.csv"), os.path.join(a.out, "fused_linear.json")
     cuda = torch.cuda.is_available() and not a.quick
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
     if a.quick:
-        a.n, a.d, a.v, a.seq_len, a.reps = [256, 512], [40, 72], 1031, 128, 2
-        a.methods = [m for m in a.methods if m not in GPU_ONLY]
+        a.n, a.d, a.v, a.seq_len, a.reps = [64, 128], [40], 1031, 64, 1
+        a.methods = [m for m in a.methods if m in QUICK]
     elif not cuda:
         print("no CUDA device: GPU-only methods are skipped (use --quick for a fast smoke run)", file=sys.stderr)
         a.methods = [m for m in a.methods if m not in GPU_ONLY]
@@ -296,10 +332,13 @@ def main(argv=None):
                 continue
             block = []
             for m in a.methods:  # one line per method as it finishes: a run cut short still shows what it measured
+                if a.slow_max_n is not None and m in SLOW and N > a.slow_max_n:
+                    block.append(dict(method=m, N=p.N, D=D, V=a.v, status=f"skipped (N > --slow-max-n)"))
+                    continue
                 block.append(run_one(m, p, cuda, a.reps))
                 print(f"# N={N} D={D} {block[-1]}", flush=True)
-            gemm = next((r for r in block if r["method"] == "gemm" and r["total_ms"]), None)
-            liger = next((r for r in block if r["method"] == "liger" and r["total_ms"]), None)
+            gemm = next((r for r in block if r["method"] == "gemm" and r.get("total_ms")), None)
+            liger = next((r for r in block if r["method"] == "liger" and r.get("total_ms")), None)
             for r in block:
                 r["x_gemm"] = r["total_ms"] / gemm["total_ms"] if (gemm and r.get("total_ms")) else None
                 r["x_liger"] = liger["total_ms"] / r["total_ms"] if (liger and r.get("total_ms")) else None
@@ -308,6 +347,17 @@ def main(argv=None):
             del p
 
     print("\n" + _table(rows))
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "fused_linear.txt"), "w") as f:
+            f.write(f"# {device} torch {torch.__version__} dtype {a.dtype} V {a.v}\n{_table(rows)}\n")
+    if a.json:
+        write_json(rows, a.json, device, a.dtype)
+        if a.out:
+            from plot_bench import plot  # noqa: PLC0415  (benchmarks/ is on sys.path when run as a script)
+            for png in plot(a.json, a.out):
+                print(f"wrote {png}")
     if a.csv:
         os.makedirs(os.path.dirname(a.csv) or ".", exist_ok=True)
         cols = ["method", "N", "D", "V", "fwd_ms", "bwd_ms", "total_ms", "peak_extra_mib", "x_gemm", "x_liger",
@@ -316,8 +366,29 @@ def main(argv=None):
             wr = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
             wr.writeheader()
             wr.writerows(rows)
-        print(f"wrote {a.csv}  (device: {torch.cuda.get_device_name() if cuda else 'cpu'}, dtype {a.dtype})")
+        print(f"wrote {a.csv}  (device: {device}, dtype {a.dtype})")
     return rows
+
+
+def write_json(rows, path, device, dtype):
+    """The rows in the shape of pytest-benchmark's JSON (benchmarks[].{group,name,params,stats,extra_info}), so one
+    plotting script reads both this script's output and `pytest benchmarks/ --benchmark-json`."""
+    import datetime  # noqa: PLC0415
+    import json  # noqa: PLC0415
+    import platform  # noqa: PLC0415
+    bench = []
+    for r in rows:
+        t = r.get("total_ms")
+        bench.append(dict(group=f"fused_linear D={r['D']}", name=f"fused_linear[{r['method']}-{r['N']}-{r['D']}]",
+                          params=dict(method=r["method"], N=r["N"], D=r["D"]),
+                          stats=None if t is None else dict(median=t / 1e3, min=t / 1e3, mean=t / 1e3, rounds=1),
+                          extra_info=dict(r, device=device, dtype=dtype, torch=torch.__version__)))
+    doc = dict(machine_info=dict(node=platform.node(), device=device), commit_info={}, benchmarks=bench,
+               datetime=datetime.datetime.now(datetime.timezone.utc).isoformat(), version="fastupg-bench")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    print(f"wrote {path}")
 
 
 def _f(x, nd=2):

@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from fastupg.estimator import PRESETS, Estimator  # noqa: E402
-from fastupg.kernels import (fused_linear_policy_loss, fused_policy_loss, token_logprobs)  # noqa: E402
+from fastupg.kernels import (fused_linear_logprobs, fused_linear_policy_loss, fused_policy_loss,  # noqa: E402
+                             token_logprobs)
 from fastupg.kernels.torch_reference import fused_policy_loss_ref, token_logprobs_ref  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -112,7 +113,6 @@ def check_fused_linear(dev, V=151936, D=1536, B=4, T=256):
             lp = torch.log_softmax(logits / TEMP, -1).gather(-1, targets[..., None])[..., 0].float()
             kw["old_logp"] = lp + 0.5 * torch.randn(B, T, generator=g, device=dev)
         del logits
-        kw["token_weight"] = kw.pop("weight")
         for dtype in (torch.float32, torch.bfloat16):
             # the oracle sees the same rounded inputs as the kernel (else bf16 rounding of h, w moves tokens across
             # the clip boundary and the comparison measures the rounding, not the kernel)
@@ -134,15 +134,79 @@ def check_fused_linear(dev, V=151936, D=1536, B=4, T=256):
         torch.cuda.empty_cache()
 
 
+def check_fused_linear_large(dev, V=151936, D=512, B=8, T=4096):
+    """N x V > 2^31 (32k tokens x 151936 = 4.98e9 logits): every impl's fp32 and bf16 log-probs, entropies and
+    gradients of L = sum_t c_t logp_t + e_t H_t against a float64 oracle built row block by row block (the loss is a
+    sum over tokens, so dH is per block and dW the sum of the blocks' contributions)."""
+    N = B * T
+    assert N * V > 2 ** 31
+    g = torch.Generator(device=dev).manual_seed(3)
+    h = torch.randn(N, D, generator=g, device=dev)
+    w = torch.randn(V, D, generator=g, device=dev) * (2.0 / D ** 0.5)
+    tgt = torch.randint(0, V, (N,), generator=g, device=dev)
+    c = torch.randn(N, generator=g, device=dev)
+    e = torch.randn(N, generator=g, device=dev) * 0.1
+    for dtype in (torch.float32, torch.bfloat16):
+        hq, wq = h.to(dtype), w.to(dtype)
+        lp_r, en_r = torch.empty(N, dtype=torch.float64, device=dev), torch.empty(N, dtype=torch.float64, device=dev)
+        dh_r, dw_r = torch.empty(N, D, dtype=torch.float64, device=dev), torch.zeros(V, D, dtype=torch.float64,
+                                                                                       device=dev)
+        w64 = wq.double()
+        for i in range(0, N, 2048):  # float64 oracle, 2048 rows at a time
+            hb = hq[i:i + 2048].double().requires_grad_()
+            wb = w64.detach().requires_grad_()
+            lp, en = fused_linear_logprobs(hb, wb, tgt[i:i + 2048], TEMP, return_entropy=True, impl="torch")
+            (lp * c[i:i + 2048].double() + en * e[i:i + 2048].double()).sum().backward()
+            lp_r[i:i + 2048], en_r[i:i + 2048], dh_r[i:i + 2048] = lp.detach(), en.detach(), hb.grad
+            dw_r += wb.grad
+            del hb, wb, lp, en
+        torch.cuda.empty_cache()
+        for impl in ("chunked", "triton"):
+            hx, wx = hq.clone().requires_grad_(), wq.clone().requires_grad_()
+            lp, en = fused_linear_logprobs(hx, wx, tgt, TEMP, return_entropy=True, impl=impl)
+            (lp * c + en * e).sum().backward()
+            tol = TOL[dtype] if dtype == torch.bfloat16 else 1e-4
+            report(f"fused_linear_large[{impl}]", f"N={N}", dtype,
+                   dict(logp=rel(lp.detach(), lp_r), ent=rel(en.detach(), en_r), dh=rel(hx.grad, dh_r),
+                        dw=rel(wx.grad, dw_r)), tol)
+            del hx, wx, lp, en
+            torch.cuda.empty_cache()
+        # the default training path (one pass, chunked): SFT loss = -mean logp, so dL/dlogp = -1/N per token
+        hx, wx = hq.clone().requires_grad_(), wq.clone().requires_grad_()
+        loss, _ = fused_linear_policy_loss(hx, wx, tgt, Estimator.preset("sft"), advantages=1.0,
+                                           temperature=TEMP)
+        loss.backward()
+        loss_r = -lp_r.mean()
+        # the oracle's gradients for c = -1/N, e = 0: rebuild from the blocks' formula is costly; compare the loss and
+        # the direction of the gradient with a second oracle pass only on the first block's rows (dH is per row)
+        hb = hq[:2048].double().requires_grad_()
+        lpb = fused_linear_logprobs(hb, w64, tgt[:2048], TEMP, impl="torch")
+        (-lpb.sum() / N).backward()
+        report("fused_linear_large[1pass]", f"N={N}", dtype,
+               dict(loss=abs(loss.item() - loss_r.item()) / abs(loss_r.item()), dh=rel(hx.grad[:2048], hb.grad)),
+               TOL[dtype] if dtype == torch.bfloat16 else 1e-4)
+        del hx, wx, hb, lpb, dh_r, dw_r, w64
+        torch.cuda.empty_cache()
+
+
 def main():
+    import argparse  # noqa: PLC0415
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", choices=["all", "logits", "fused_linear"], default="all")
+    ap.add_argument("--no-large", action="store_true", help="skip the N x V > 2^31 fused-linear check (~1 min)")
+    a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("check_cuda.py needs a CUDA GPU (the test suite covers the CPU interpreter)")
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.device("cuda")
     import triton  # noqa: PLC0415
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
-    check_logits_ops(dev)
-    check_fused_linear(dev)
+    if a.part in ("all", "logits"):
+        check_logits_ops(dev)
+    if a.part in ("all", "fused_linear"):
+        check_fused_linear(dev)
+        if not a.no_large:
+            check_fused_linear_large(dev)
     print(f"# {len(failures)} failure(s)")
     for f in failures:
         print(f)

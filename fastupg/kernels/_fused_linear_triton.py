@@ -32,8 +32,11 @@ block instead of one atomic per element), (3) exact=False gradient filtering, wh
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from fastupg.kernels._fused_linear_common import FusedLinearOptions
 
 
 @triton.jit
@@ -179,3 +182,54 @@ def _bwd_kernel(H, W, B, ROWS, TGT, LSE, ENT, GL, GH, DH, DW, DB,
                 dw = _mm(gdt, h, tl.zeros((BLOCK_V, BLOCK_D), tl.float32), IEEE, UPCAST)
                 tl.atomic_add(DW + cols64[:, None] * stride_dwv + offs_d[None, :], dw,
                               mask=vmask[:, None] & dmask[None, :])
+
+
+# -- host side: launches (called by fastupg.kernels.fused_linear) --------------------------------------------------
+def _triton_forward(h, w, b, tgt, o: FusedLinearOptions):
+    N, D = h.shape
+    V = w.shape[0]
+    logp = torch.empty(N, dtype=torch.float32, device=h.device)
+    lse = torch.empty(N, dtype=torch.float32, device=h.device)
+    ent = torch.empty(N, dtype=torch.float32, device=h.device) if o.return_entropy else lse
+    if N == 0:
+        return logp, lse, (ent if o.return_entropy else None)
+    grid = (triton_cdiv(N, o.block_n),)
+    _fwd_kernel[grid](h, w, b if b is not None else h, tgt, logp, lse, ent,
+                      N, V, D, h.stride(0), h.stride(1), w.stride(0), w.stride(1),
+                      1.0 / o.temperature,
+                      HAS_BIAS=b is not None, RETURN_ENT=o.return_entropy, IEEE=h.dtype == torch.float32, UPCAST=_interp_upcast(h),
+                      BLOCK_N=o.block_n, BLOCK_V=o.block_v, BLOCK_D=o.block_d)
+    return logp, lse, (ent if o.return_entropy else None)
+
+
+def _interp_upcast(h) -> bool:
+    # the Triton interpreter (CPU tests) computes wrong bf16/fp16 tl.dot products: upcast there, never on a GPU
+    return h.device.type != "cuda" and h.dtype != torch.float32
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _triton_backward(h, w, b, rows, tgt, lse, ent, gl, gh, o: FusedLinearOptions, need_dh, need_dw, need_db):
+    N, D = h.shape
+    V = w.shape[0]
+    M = rows.numel()
+    f32 = torch.float32
+    dH = torch.zeros(N, D, dtype=f32, device=h.device) if need_dh else None
+    dW = torch.zeros(V, D, dtype=f32, device=h.device) if need_dw else None
+    db = torch.zeros(V, dtype=f32, device=h.device) if need_db else None
+    if M > 0:
+        has_gh = gh is not None
+        grid = (triton_cdiv(M, o.block_n) * triton_cdiv(V, o.block_v),)
+        dummy = lse
+        _bwd_kernel[grid](h, w, b if b is not None else h, rows, tgt, lse, ent if has_gh else dummy,
+                          gl.to(f32), gh.to(f32) if has_gh else dummy,
+                          dH if need_dh else dummy, dW if need_dw else dummy, db if need_db else dummy,
+                          M, V, D, h.stride(0), h.stride(1), w.stride(0), w.stride(1),
+                          D if need_dh else 0, D if need_dw else 0,
+                          1.0 / o.temperature, o.eps_for(h.dtype),
+                          HAS_BIAS=need_db, HAS_GH=has_gh, FILTER=not o.exact, IEEE=h.dtype == f32, UPCAST=_interp_upcast(h),
+                          NEED_DH=need_dh, NEED_DW=need_dw,
+                          BLOCK_N=o.block_n, BLOCK_V=o.block_v, BLOCK_D=o.block_d)
+    return (dH.to(h.dtype) if need_dh else None), (dW.to(w.dtype) if need_dw else None), db

@@ -104,7 +104,7 @@ def causal_lm_policy_loss(model, input_ids, targets, estimator: Estimator, *, po
     """(loss, metrics) of `estimator` for a Hugging Face causal LM, never materialising its logits.
 
     loss_kwargs are those of `fastupg.kernels.fused_linear.fused_linear_policy_loss` (advantages, old_logp, mask,
-    offline, seq_ids, token_weight, ref_logp, agg), shaped like targets (B, T). model_kwargs go to the decoder body.
+    offline, seq_ids, weight, ref_logp, agg), shaped like targets (B, T). model_kwargs go to the decoder body.
     """
     if not isinstance(estimator, Estimator):
         raise TypeError(f"estimator must be a fastupg.Estimator, got {type(estimator).__name__}")

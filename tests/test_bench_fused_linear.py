@@ -1,0 +1,44 @@
+"""The fused-linear benchmark's --quick CPU mode (CI): it runs, writes CSV/JSON/PNG, and its rows are sane; the
+pytest-benchmark suite runs on the same quick sizes and its JSON feeds the same plotting script."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+
+def test_quick_mode_writes_rows_json_and_plots(tmp_path):
+    import bench_fused_linear as bfl
+    rows = bfl.main(["--quick", "--out", str(tmp_path)])
+    assert {r["method"] for r in rows} == set(bfl.QUICK)
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["total_ms"] > 0 and r["peak_extra_mib"] is not None
+    gemm = [r for r in rows if r["method"] == "gemm"]
+    assert all(r["x_gemm"] == 1.0 for r in gemm)
+    doc = json.loads((tmp_path / "fused_linear.json").read_text())
+    assert len(doc["benchmarks"]) == len(rows)
+    assert (tmp_path / "fused_linear_D_40.png").stat().st_size > 1000
+    assert (tmp_path / "fused_linear.csv").exists() and (tmp_path / "fused_linear.txt").exists()
+    # the reference materialises N x V logits: the memory column can tell it from the chunked impl
+    mem = {(r["method"], r["N"]): r["peak_extra_mib"] for r in rows}
+    assert mem[("fastupg-torch", 128)] > mem[("fastupg-chunked", 128)]
+
+
+def test_pytest_benchmark_suite_json_plots(tmp_path):
+    pytest.importorskip("pytest_benchmark")
+    out = tmp_path / "out.json"
+    env = dict(os.environ, FASTUPG_BENCH_QUICK="1", PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        os.path.join(ROOT, "benchmarks", "test_bench_fused_linear.py"), "-k", "N64 and (chunked or gemm)",
+                        f"--benchmark-json={out}"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    names = {b["extra_info"]["method"] for b in doc["benchmarks"]}
+    assert names == {"fastupg-chunked", "gemm"}
+    from plot_bench import plot
+    assert plot(str(out), str(tmp_path / "png"))
