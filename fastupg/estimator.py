@@ -34,6 +34,32 @@ def _choice(owner: str, name: str, value, allowed) -> None:
         raise ValueError(f"{owner}.{name}={value!r} is not one of {list(allowed)}")
 
 
+_NUMBER_FIELDS = ("eps_low", "eps_high", "dual_clip", "gamma", "entropy_coef", "kl_coef", "agg_norm")
+_STR_FIELDS = ("kl_estimator", "agg", "offline_agg", "name")
+
+
+def _check_field_type(key: str, value) -> None:
+    """A wrong type (e.g. eps_high="0.2" from a YAML string) is a TypeError naming the field, never a comparison
+    error deep inside __post_init__ or, worse, a silently different estimator."""
+    none_ok = key in ("dual_clip", "agg_norm", "offline_agg", "online", "offline")
+    if value is None and none_ok:
+        return
+    if key in _NUMBER_FIELDS:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        want = "a number"
+    elif key in _STR_FIELDS:
+        ok, want = isinstance(value, str), "a str"
+    elif key == "adv_std":
+        ok, want = isinstance(value, bool), "a bool"
+    elif key in ("online", "offline"):
+        ok, want = isinstance(value, Branch), "a Branch"
+    else:
+        return
+    if not ok:
+        raise TypeError(f"Estimator.{key} must be {want}{' or None' if none_ok else ''}, "
+                        f"got {value!r} ({type(value).__name__})")
+
+
 @dataclass(frozen=True)
 class Branch:
     """Component choices for one kind of token (on-policy rollout or off-policy demonstration).
@@ -59,12 +85,19 @@ class Branch:
             raise ValueError(f"Branch.mask='cispo' needs ref='old' (got ref={self.ref!r})")
         if self.ref == "one" and self.mask != "none":
             raise ValueError(f"Branch.mask={self.mask!r} with ref='one' is not a defined estimator: use mask='none'")
+        if not isinstance(self.coef, (int, float)) or isinstance(self.coef, bool):
+            raise TypeError(f"Branch.coef must be a number, got {self.coef!r} ({type(self.coef).__name__})")
         if not math.isfinite(self.coef) or self.coef < 0:
             raise ValueError(f"Branch.coef must be finite and >= 0, got {self.coef}")
 
     @property
     def needs_old(self) -> bool:
         return self.ref in ("old", "seq")
+
+    @property
+    def needs_advantages(self) -> bool:
+        """False for advantage 'one': the branch's tokens use A = 1 whatever `advantages=` holds."""
+        return self.advantage != "one"
 
 
 @dataclass(frozen=True)
@@ -86,6 +119,8 @@ class Estimator:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check_field_type(f.name, getattr(self, f.name))
         if self.online is None and self.offline is None:
             raise ValueError("Estimator needs at least one of online=, offline= branches")
         for side in ("online", "offline"):
@@ -127,6 +162,8 @@ class Estimator:
         bad = sorted(set(overrides) - fields)
         if bad:
             raise ValueError(f"unknown Estimator field(s) {bad}; allowed: {sorted(fields)}")
+        for key, value in overrides.items():
+            _check_field_type(key, value)
         return dataclasses.replace(base, **overrides)
 
     @property
@@ -136,6 +173,11 @@ class Estimator:
 
     def branch(self, offline: bool) -> Branch | None:
         return self.offline if offline else self.online
+
+    @property
+    def needs_advantages(self) -> bool:
+        """True when some branch estimates A (anything but advantage 'one'): then `advantages=` is required."""
+        return any(b is not None and b.needs_advantages for b in (self.online, self.offline))
 
 
 _GRPO = Branch(ref="old", mask="clip", advantage="grpo")
@@ -280,7 +322,7 @@ def _check_tensor(name: str, t, n_shape, *, finite=True, dtype_kind=None, checks
     return t
 
 
-def prepare_inputs(logp_shape, estimator: Estimator, *, advantages, old_logp=None, mask=None, offline=None,
+def prepare_inputs(logp_shape, estimator: Estimator, *, advantages=None, old_logp=None, mask=None, offline=None,
                    seq_ids=None, weight=None, entropy=None, ref_logp=None, device=None,
                    entropy_in_kernel: bool = False, checks: list | None = None):
     """Validate and flatten the per-token inputs shared by `policy_loss` and the fused kernels.
@@ -288,6 +330,9 @@ def prepare_inputs(logp_shape, estimator: Estimator, *, advantages, old_logp=Non
     Returns a dict of flat (N,) tensors: adv, old (or None), mask (bool), offline (bool), seq (or None),
     weight (float: branch coef * caller weight), ref (or None), plus padded_len for 2-D inputs and nseq (the number
     of sequences when seq ids are known to be 0..nseq-1, else None).
+    `adv` is the advantage every implementation must use: 1.0 on the tokens of a branch whose advantage is 'one'
+    (SFT), whatever `advantages=` holds there; `advantages=` may be None when no branch needs it (then `adv` is all
+    ones, float32 on `device`).
     Value checks (non-finite, negative weights, tokens of a missing branch) are appended to `checks` when it is
     given, for the caller to run with its own (see `raise_failed_checks`); else they run here, in one sync.
     """
@@ -299,8 +344,14 @@ def prepare_inputs(logp_shape, estimator: Estimator, *, advantages, old_logp=Non
     if len(shape) not in (1, 2):
         raise ValueError(f"logp must be 1-D (N,) or 2-D (B, T), got shape {tuple(shape)}")
     if advantages is None:
-        raise ValueError("advantages= is required (use torch.ones for SFT tokens)")
-    if isinstance(advantages, (int, float)):
+        if estimator.needs_advantages:
+            need = [f"{side} (advantage={b.advantage!r})" for side, b in (("online", estimator.online),
+                                                                          ("offline", estimator.offline))
+                    if b is not None and b.needs_advantages]
+            raise ValueError(f"advantages= is required: estimator {estimator.name!r} estimates A on its "
+                             f"{' and '.join(need)} tokens")
+        advantages = torch.ones(shape, device=device)  # every branch uses A = 1 (SFT)
+    if isinstance(advantages, (int, float)) and not isinstance(advantages, bool):
         advantages = torch.full(shape, float(advantages), device=device)
     _check_tensor("advantages", advantages, shape, dtype_kind="float", checks=checks)
     _check_tensor("old_logp", old_logp, shape, dtype_kind="float", checks=checks)
@@ -342,6 +393,14 @@ def prepare_inputs(logp_shape, estimator: Estimator, *, advantages, old_logp=Non
         raise ValueError("ref_logp= is required when Estimator.kl_coef != 0")
     if estimator.sequence_level and seq_ids is None:
         raise ValueError("seq_ids= is required for sequence-level estimators (gspo) with 1-D log-probs")
+    # a branch with advantage 'one' uses A = 1 on its tokens, whatever the caller's tensor holds there (an HPT batch
+    # carries GRPO advantages; they must not weight the demonstration tokens)
+    one_on = estimator.online is not None and not estimator.online.needs_advantages
+    one_off = estimator.offline is not None and not estimator.offline.needs_advantages
+    if one_on and one_off:
+        adv = torch.ones_like(adv)
+    elif one_on or one_off:
+        adv = torch.where(off if one_off else ~off, torch.ones_like(adv), adv)
     coef_on = estimator.online.coef if estimator.online is not None else 0.0
     coef_off = estimator.offline.coef if estimator.offline is not None else 0.0
     w = torch.where(off, torch.as_tensor(coef_off, dtype=adv.dtype, device=adv.device),
@@ -364,12 +423,13 @@ def sequence_ratio(l: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, seq_i
     return torch.exp(tot / cnt)[seq]
 
 
-def policy_loss(logp: torch.Tensor, estimator: Estimator, *, advantages, old_logp=None, mask=None, offline=None,
+def policy_loss(logp: torch.Tensor, estimator: Estimator, *, advantages=None, old_logp=None, mask=None, offline=None,
                 seq_ids=None, weight=None, entropy=None, ref_logp=None, agg: str | None = None):
     """Scalar loss of the unified estimator from per-token log-probs (any source), and a metrics dict.
 
     logp:       (N,) or (B, T) log pi_theta(y_t) at the sampling temperature, differentiable
-    advantages: same shape, A per token (broadcast sequence advantages yourself: fastupg.advantages.to_tokens)
+    advantages: same shape, A per token (broadcast sequence advantages yourself: fastupg.advantages.to_tokens);
+                ignored (A = 1) on tokens of a branch with advantage 'one'; optional when every branch has it (SFT)
     old_logp:   behaviour-policy log-probs; required where a branch uses ref='old'/'seq'
     mask:       tokens that count (bool/0-1); offline: True marks demonstration tokens
     seq_ids:    sequence id per token (1-D inputs; rows of a 2-D input are the sequences)

@@ -536,7 +536,7 @@ def _one_pass_chunked(h, w, b, tgt, est, kw, temperature, need, o: FusedLinearOp
     return logp, ent, dH, (dW.to(w.dtype) if need_dw else None), db
 
 
-def fused_linear_policy_loss(hidden, weight, targets, estimator: Estimator, *, advantages, old_logp=None, mask=None,
+def fused_linear_policy_loss(hidden, weight, targets, estimator: Estimator, *, advantages=None, old_logp=None, mask=None,
                              offline=None, seq_ids=None, token_weight=None, ref_logp=None, agg=None,
                              temperature=1.0, bias=None, impl=None, exact=True, filter_eps=None,
                              chunk_bytes=DEFAULT_CHUNK_BYTES, one_pass=None):
