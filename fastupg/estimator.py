@@ -25,7 +25,8 @@ import torch
 REFS = ("policy", "old", "one", "seq")
 MASKS = ("none", "clip", "cispo")
 ADVANTAGES = ("one", "grpo", "mixed", "reinforce", "rloo", "gae")
-AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
+AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum",
+        "token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
@@ -115,7 +116,7 @@ class Estimator:
     kl_estimator: str = "k3"
     agg: str = "token-mean"
     offline_agg: str | None = None  # None: both branches aggregated together; else each by its own mode, summed
-    agg_norm: float | None = None   # constant of seq-mean-token-sum-norm (None: padded length of a 2-D batch)
+    agg_norm: float | None = None   # constant C of (seq-mean-)token-sum-norm (None: padded length of a 2-D batch)
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self):
@@ -188,7 +189,9 @@ PRESETS: dict[str, Estimator] = {
     "reinforce": Estimator(online=Branch("policy", "none", "reinforce"), name="reinforce"),
     "ppo": Estimator(online=Branch("old", "clip", "gae"), name="ppo"),
     "grpo": Estimator(online=_GRPO, name="grpo"),
-    "dr_grpo": Estimator(online=_GRPO, adv_std=False, agg="seq-mean-token-sum-norm", name="dr_grpo"),
+    # Dr.GRPO as the fastupg preset has always computed it: sum over tokens / C (old verl; TRL's dr_grpo is
+    # agg='seq-mean-token-sum-norm', i.e. also / number of sequences -- see fastupg.integrations.trl)
+    "dr_grpo": Estimator(online=_GRPO, adv_std=False, agg="token-sum-norm", name="dr_grpo"),
     "dapo": Estimator(online=_GRPO, eps_high=0.28, agg="token-mean", name="dapo"),
     # CISPO (MiniMax-M1): only the upper bound is used, so eps_low = 1 puts the lower bound at 0 (never active);
     # eps_high = 0.28 as in the ScaleRL/DAPO settings. The clipped weight is stop-gradient: every token keeps a gradient.
@@ -216,14 +219,18 @@ def _agg_weights_one(mask: torch.Tensor, seq: torch.Tensor | None, nseq: int, mo
         return mask
     if mode == "token-mean":
         return mask / mask.sum().clamp_min(1.0)
-    if mode == "seq-mean-token-sum-norm":
-        # verl's definition: sum over all tokens / constant (Dr.GRPO; the official HPT code uses 8192)
+    if mode == "token-sum-norm":
+        # sum over all tokens / constant C: Dr.GRPO as verl < 0.5 computed 'seq-mean-token-sum-norm' (and so the
+        # official HPT code, with C = 8192). fastupg's own name, since verl's mode now also averages over sequences
         return mask / norm
     assert seq is not None
     per_seq = torch.zeros(nseq, dtype=mask.dtype, device=mask.device).index_add_(0, seq, mask)
     n_nonempty = (per_seq > 0).sum().clamp_min(1).to(mask.dtype)
     if mode == "seq-mean-token-sum":
         return mask / n_nonempty
+    if mode == "seq-mean-token-sum-norm":
+        # verl's agg_loss: mean over non-empty sequences of the token sum, / C (= TRL's dr_grpo: sum / (B * C))
+        return mask / (n_nonempty * norm)
     # seq-mean-token-mean
     return mask / (per_seq.clamp_min(1.0)[seq] * n_nonempty)
 
@@ -236,13 +243,14 @@ def aggregation_weights(estimator: Estimator, mask: torch.Tensor, offline: torch
     _choice("policy_loss", "agg", mode, AGGS)
     modes = [mode] if estimator.offline_agg is None else [mode, estimator.offline_agg]
     norm = estimator.agg_norm if estimator.agg_norm is not None else padded_len
-    if "seq-mean-token-sum-norm" in modes and norm is None:
-        raise ValueError("agg='seq-mean-token-sum-norm' needs Estimator.agg_norm (or 2-D log-probs, whose "
-                         "padded length is the default constant)")
-    if any(m.startswith("seq-mean") and m != "seq-mean-token-sum-norm" for m in modes) and seq_ids is None:
+    for m_ in modes:
+        if m_.endswith("token-sum-norm") and norm is None:
+            raise ValueError(f"agg={m_!r} needs Estimator.agg_norm (or 2-D log-probs, whose padded length is the "
+                             "default constant)")
+    if any(m.startswith("seq-mean") for m in modes) and seq_ids is None:
         raise ValueError(f"agg={modes} needs seq_ids= (or 2-D log-probs, one row per sequence)")
     seq = None
-    if seq_ids is not None and any(m.startswith("seq-mean") and m != "seq-mean-token-sum-norm" for m in modes):
+    if seq_ids is not None and any(m.startswith("seq-mean") for m in modes):
         # nseq given: ids are already 0..nseq-1 (the rows of 2-D inputs); else densify (torch.unique)
         seq, nseq = (seq_ids, nseq) if nseq is not None else _dense_ids(seq_ids)
     mask = mask.to(torch.float64)  # O(N): exact weights cost nothing next to the vocabulary pass

@@ -141,11 +141,13 @@ def test_aggregation_modes():
     # sequence 2 has no unmasked tokens: it is not counted
     assert w("seq-mean-token-mean") == pytest.approx([.25, .25, 0, 1 / 6, 1 / 6, 1 / 6, 0, 0])
     assert w("seq-mean-token-sum") == pytest.approx([x / 2 for x in m])
-    assert w("seq-mean-token-sum-norm") == pytest.approx([x / 16 for x in m])
+    # verl's seq-mean-token-sum-norm: seq-mean of token sums / C (2 non-empty sequences); token-sum-norm: sum / C
+    assert w("seq-mean-token-sum-norm") == pytest.approx([x / (2 * 16) for x in m])
+    assert w("token-sum-norm") == pytest.approx([x / 16 for x in m])
 
 
 def test_separate_branch_aggregation():  # official HPT code: RL sum/8192, SFT pooled token mean
-    est = Estimator.preset("hpt", agg="seq-mean-token-sum-norm", agg_norm=8192.0, offline_agg="token-mean")
+    est = Estimator.preset("hpt", agg="token-sum-norm", agg_norm=8192.0, offline_agg="token-mean")
     mask = torch.ones(6, dtype=torch.bool)
     off = torch.tensor([0, 0, 0, 0, 1, 1], dtype=torch.bool)
     w = aggregation_weights(est, mask, off, None).tolist()
