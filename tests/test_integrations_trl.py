@@ -41,7 +41,7 @@ def _trainer(model_dir, tmp_path, **cfg):
     ds = datasets.Dataset.from_dict({"prompt": ["1+1=", "2+2=", "3+3=", "4+4="]})
     args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=B, num_generations=B,
                       max_completion_length=TC, report_to=[], use_cpu=True, logging_steps=1, max_steps=2,
-                      save_strategy="no", **cfg)
+                      save_strategy="no", bf16=False, **cfg)  # fp32: the 1e-5 comparison
     tok = build_tokenizer()
     return FusedGRPOTrainer(model=str(model_dir), reward_funcs=_reward, args=args, train_dataset=ds,
                             processing_class=tok, fastupg_chunk_bytes=4 * 262 * 5)  # 5-row chunks: really chunked

@@ -24,7 +24,8 @@ What each GRPOConfig argument means here -- exactly what it means in TRL 1.16's 
   entropy_coef       loss -= entropy_coef * token-mean entropy / accumulation steps (not per loss type)
   top_entropy_quantile, off_policy_mask_threshold, vllm_importance_sampling_correction: the per-token factors TRL
                      multiplies the policy term by (not the KL term); here folded into the advantage, which is exact
-                     since each factor is >= 0: -min(r A, clip(r) A) * w = -min(r (A w), clip(r) (A w)).
+                     since each factor is >= 0: -min(r A, clip(r) A) * w = -min(r (A w), clip(r) (A w)) (at
+                     sequence level the factor's per-sequence mean is folded in: see _compute_loss)
 Metrics are logged under TRL's names with TRL's definitions: entropy, kl, clip_ratio/{low_mean,low_min,high_mean,
 high_max,region_mean} (clip loss types), cispo_clip_ratio (cispo), policy_loss (with an entropy bonus).
 Not supported (NotImplementedError at construction): use_adaptive_entropy, MoE router aux
@@ -259,6 +260,14 @@ class FusedGRPOTrainer(GRPOTrainer):
                                                        off_policy_threshold=self.off_policy_mask_threshold)
         if self.use_vllm and self.vllm_importance_sampling_correction:
             factor = factor * inputs["importance_sampling_ratio"]
+        if self.importance_sampling_level == "sequence":
+            # TRL multiplies the per-SEQUENCE loss L_i(s_i) by per-token factors w_t, and the gradient of s_i is spread
+            # evenly over the sequence's tokens; fastupg's sequence branch gives token t the gradient of its own term.
+            # The two agree when the factor is constant along the sequence: use its masked mean (same value, since
+            # sum_t w_t L_i = |m_i| * mean(w) * L_i, and TRL's aggregation weights are constant along a sequence)
+            mf = mask.to(factor.dtype)
+            factor = factor.expand_as(logp)
+            factor = ((factor * mf).sum(-1, keepdim=True) / mf.sum(-1, keepdim=True).clamp(min=1.0))
         adv_tok = (advantages * factor).to(logp.dtype).expand_as(logp)
 
         ref = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
