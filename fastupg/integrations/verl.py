@@ -156,3 +156,7 @@ def register_fastupg_policy_losses(prefix: str = "fastupg_") -> list[str]:
 
 __all__ = ["register_fastupg_policy_losses", "register_estimator", "verl_policy_loss", "verl_aggregation_weights",
            "VERL_PRESETS"]
+
+# Registered on import, so that `VERL_USE_EXTERNAL_MODULES=fastupg.integrations.verl` (verl imports the listed modules
+# in every process it starts, Ray workers included) makes the fastupg_* loss modes available everywhere.
+register_fastupg_policy_losses()
