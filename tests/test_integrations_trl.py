@@ -163,3 +163,40 @@ def test_short_grpo_run_trains_and_logs(model_dir, tmp_path):
             assert k in h and math.isfinite(h[k]), (k, h)
     changed = sum(not torch.equal(before[n], p.detach()) for n, p in tr.model.named_parameters())
     assert changed > 5
+
+
+def test_hpt_on_trl_with_demonstrations_in_the_batch(model_dir, tmp_path):
+    """HPT (what TRL cannot do): every prompt unsolved (reward 0) -> P = 0 -> beta = 1: the loss of the first step is
+    the SFT loss, the token-mean NLL of the demonstrations, computed here from the plain model logits."""
+    tok = build_tokenizer()
+    ds = datasets.Dataset.from_dict({"prompt": ["1+1=", "2+2="], "solution": ["2", "4"]})
+    args = GRPOConfig(output_dir=str(tmp_path / "hpt"), per_device_train_batch_size=B, num_generations=2,
+                      max_completion_length=TC, report_to=[], use_cpu=True, logging_steps=1, max_steps=1,
+                      save_strategy="no", bf16=False, learning_rate=1e-3)
+    tr = FusedGRPOTrainer(model=str(model_dir), reward_funcs=lambda completions, **k: [0.0] * len(completions),
+                          args=args, train_dataset=ds, processing_class=tok, fastupg_preset="hpt",
+                          demonstration_column="solution")
+    model = tr.model
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for p, sol in (("1+1=", "2"), ("2+2=", "4")):
+            prompt = tok(p, add_special_tokens=False)["input_ids"]  # TRL's prompt tokens (no chat template here)
+            comp = tok(sol, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            ids = torch.tensor([prompt + comp])
+            lp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1:-1].float(), -1)
+            nll -= float(lp.gather(-1, torch.tensor(comp)[:, None]).sum())
+            n += len(comp)
+    tr.train()
+    log = [h for h in tr.state.log_history if "loss" in h][0]
+    assert log["hpt/sft_fraction"] == 1.0
+    assert log["loss"] == pytest.approx(nll / n, rel=1e-4)
+
+
+def test_hybrid_presets_refuse_what_they_cannot_do(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="demonstration_column"):
+        _trainer_kw = dict(fastupg_preset="hpt")
+        ds = datasets.Dataset.from_dict({"prompt": ["1+1="] * 4})
+        args = GRPOConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=B, num_generations=B,
+                          max_completion_length=TC, report_to=[], use_cpu=True, bf16=False)
+        FusedGRPOTrainer(model=str(model_dir), reward_funcs=_reward, args=args, train_dataset=ds,
+                         processing_class=build_tokenizer(), **_trainer_kw)

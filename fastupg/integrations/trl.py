@@ -295,7 +295,8 @@ class FusedGRPOTrainer(GRPOTrainer):
             if mode == "train" and self.accelerator.sync_gradients:
                 self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
-        self._log_trl_metrics(mode, logp.detach(), old, advantages, mask, entropies.detach(), ref)
+        metric_mask = mask if offline is None else mask * (~offline).to(mask.dtype)  # clip metrics: rollouts only
+        self._log_trl_metrics(mode, logp.detach(), old, advantages, metric_mask, entropies.detach(), ref)
         return loss
 
     def _ratio(self, logp, old, mask):
@@ -357,12 +358,113 @@ class FusedGRPOTrainer(GRPOTrainer):
             nanmax(self.accelerator.gather(masked_seq_mean(high.float()))).item())
 
     # -- hybrid post-training (HPT / LUFFY / SRFT): demonstrations in the batch ---------------------------------
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._fastupg_rewards_per_func = rewards_per_func  # (hybrid presets need each group's success rate)
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        if self.fastupg_preset is None or not self.model.training:
+            return out
+        return self._hybrid_rows(inputs, out)
+
+    def _hybrid_rows(self, inputs, out):
+        """Append, per prompt group, the dataset's demonstration as one more row marked offline, and replace TRL's
+        advantages by the estimator's own (fastupg.trainer.advantages: grpo / mixed / one per branch), with HPT's
+        per-row alpha (rollouts) / beta (demonstration) weights from the group's success rate P = mean reward."""
+        from fastupg.hpt import HPTConfig, route
+        from fastupg.trainer import advantages as fastupg_advantages
+        G = self.num_generations
+        dev = out["completion_ids"].device
+        rpf = self._fastupg_rewards_per_func
+        reward = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1).to(torch.float32).cpu()
+        n_on = out["completion_ids"].size(0)
+        if reward.numel() != n_on or n_on % G:
+            raise NotImplementedError("hybrid presets: one process, whole groups per generation batch")
+        if not bool(((reward >= 0) & (reward <= 1)).all()):
+            raise ValueError("hybrid presets (HPT/LUFFY/SRFT) need rewards in [0, 1]: the group's mean reward is its "
+                             "success rate P")
+        n_groups = n_on // G
+        tok = self.processing_class
+        eos = tok.eos_token_id
+        demos = []
+        for g in range(n_groups):
+            text = inputs[g * G][self.demonstration_column]
+            ids = tok(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+            demos.append(ids[: self.max_completion_length])
+        Tc = max(out["completion_ids"].size(1), max(len(d) for d in demos))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+        def widen(t, fill):
+            return torch.nn.functional.pad(t, (0, Tc - t.size(1)), value=fill)
+
+        demo_ids = torch.full((n_groups, Tc), pad, dtype=out["completion_ids"].dtype, device=dev)
+        demo_mask = torch.zeros((n_groups, Tc), dtype=out["completion_mask"].dtype, device=dev)
+        for g, d in enumerate(demos):
+            demo_ids[g, : len(d)] = torch.tensor(d, dtype=demo_ids.dtype)
+            demo_mask[g, : len(d)] = 1
+        first = torch.arange(n_groups, device=dev) * G
+        new = dict(out)
+        new["prompt_ids"] = torch.cat([out["prompt_ids"], out["prompt_ids"][first]])
+        new["prompt_mask"] = torch.cat([out["prompt_mask"], out["prompt_mask"][first]])
+        new["completion_ids"] = torch.cat([widen(out["completion_ids"], pad), demo_ids])
+        new["completion_mask"] = torch.cat([widen(out["completion_mask"], 0), demo_mask])
+        for k in ("old_per_token_logps", "sampling_per_token_logps"):  # demonstrations use no behaviour log-probs
+            if out.get(k) is not None:
+                new[k] = torch.cat([widen(out[k], 0.0), out[k].new_zeros(n_groups, Tc)])
+        if out.get("importance_sampling_ratio") is not None:
+            r = out["importance_sampling_ratio"]
+            new["importance_sampling_ratio"] = torch.cat([widen(r, 1.0) if r.size(1) > 1 else r,
+                                                          r.new_ones(n_groups, r.size(1) if r.size(1) == 1 else Tc)])
+        offline = torch.cat([torch.zeros(n_on, dtype=torch.bool), torch.ones(n_groups, dtype=torch.bool)])
+        group = torch.cat([torch.arange(n_on) // G, torch.arange(n_groups)])
+        reward_all = torch.cat([reward, torch.ones(n_groups)])  # a demonstration is a correct solution
+        est = self.fastupg_estimator
+        A = fastupg_advantages(est, reward_all, group, offline)
+        weight = torch.ones(n_on + n_groups)
+        if self.fastupg_preset == "hpt":
+            P = reward.view(n_groups, G).mean(1)
+            alpha, beta = route(P, HPTConfig(mode="switch", gate=self.fastupg_hpt_gate))
+            weight = torch.where(offline, beta[group], alpha[group])
+            self._metrics["train"]["hpt/sft_fraction"].append(float((beta > 0).float().mean()))
+        new["advantages"] = A.to(dev)
+        new["fastupg_offline"] = offline.to(dev)[:, None].expand(-1, Tc).contiguous()
+        new["fastupg_token_weight"] = weight.to(dev, torch.float64)[:, None].expand(-1, Tc).contiguous()
+        new["num_items_in_batch"] = new["completion_mask"].sum()
+        return new
+
     def _hybrid_weights(self, mask, inputs, gas):
-        raise NotImplementedError("hybrid presets: not implemented yet")
+        """The preset's own aggregation over the micro-batch (padded length = max_completion_length), / accumulation."""
+        from fastupg.estimator import aggregation_weights
+        B, T = mask.shape
+        seq = torch.arange(B, device=mask.device)[:, None].expand(B, T).reshape(-1)
+        # rows of weight 0 (HPT's switch: rollouts of unsolved prompts, demonstrations of solved ones) do not count,
+        # as fastupg's trainer drops them before the forward pass
+        counted = mask.bool() & (inputs["fastupg_token_weight"] > 0)
+        s = aggregation_weights(self.fastupg_estimator, counted.reshape(-1),
+                                inputs["fastupg_offline"].reshape(-1), seq, padded_len=self.max_completion_length,
+                                nseq=B)
+        return (s / gas).view(B, T)
+
+
+HYBRID_PRESETS = ("hpt", "luffy", "srft")
 
 
 def _hybrid_estimator(preset: str, trainer) -> Estimator:
-    raise NotImplementedError(f"fastupg_preset={preset!r}: hybrid post-training on TRL is not implemented yet")
+    """The fastupg preset, with TRL's epsilon / epsilon_high as its clip bounds."""
+    if preset not in HYBRID_PRESETS:
+        raise ValueError(f"fastupg_preset={preset!r} is not one of {list(HYBRID_PRESETS)}")
+    a = trainer.args
+    bad = [k for k, on in (("beta != 0 (demonstrations have no reference log-probs here)", trainer.beta != 0),
+                           ("off_policy_mask_threshold", trainer.off_policy_mask_threshold is not None),
+                           ("importance_sampling_level='sequence'", trainer.importance_sampling_level != "token"),
+                           ("steps_per_generation > 1", a.steps_per_generation != 1),
+                           ("num_processes > 1", trainer.accelerator.num_processes != 1)) if on]
+    if bad:
+        raise NotImplementedError(f"fastupg_preset={preset!r} on TRL does not support: {', '.join(bad)}")
+    trainer.fastupg_hpt_gate = 0.0
+    return Estimator.preset(preset, eps_low=float(trainer.epsilon_low), eps_high=float(trainer.epsilon_high))
 
 
 class _fake_model:
