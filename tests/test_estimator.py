@@ -298,3 +298,30 @@ def test_preset_override_of_wrong_type_names_the_field(field, value):
 def test_branch_coef_of_wrong_type_names_the_field():
     with pytest.raises(TypeError, match="Branch.coef must be a number"):
         Branch("policy", coef="0.5")
+
+
+def test_fused_linear_paths_use_one_on_sft_tokens():
+    """The fused-linear loss (one-pass chunked and two-pass) gets A = 1 on SFT tokens through prepare_inputs' `adv`."""
+    from fastupg.kernels.fused_linear import fused_linear_policy_loss
+    g = torch.Generator().manual_seed(7)
+    N, D, V = 24, 8, 37
+    h = torch.randn(N, D, generator=g, dtype=DT)
+    w = torch.randn(V, D, generator=g, dtype=DT)
+    tgt = torch.randint(0, V, (N,), generator=g)
+    A = torch.randn(N, generator=g, dtype=DT)
+    off = torch.arange(N) >= 16
+    est = Estimator.preset("hpt")
+    ones_on_sft = torch.where(off, torch.ones_like(A), A)
+    old = torch.log_softmax(h @ w.t(), -1).gather(1, tgt[:, None]).squeeze(1) + 0.3 * torch.randn(N, generator=g,
+                                                                                                  dtype=DT)
+    out = []
+    for adv, one_pass in ((A, True), (A, False), (ones_on_sft, False)):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss, _ = fused_linear_policy_loss(hh, ww, tgt, est, advantages=adv, old_logp=old, offline=off,
+                                           impl="chunked",
+                                           one_pass=one_pass)
+        loss.backward()
+        out.append((loss.detach(), hh.grad, ww.grad))
+    for got in out[:2]:
+        for a, b in zip(got, out[2]):
+            torch.testing.assert_close(a, b)
