@@ -3,6 +3,11 @@ max_completion_length), the loss and gradient of `TrainConfig.estimator()` (aggr
 the whole batch, padded length = max_completion_length) equal TRL's installed GRPOTrainer._compute_loss on the same
 inputs. TRL's method runs unbound on a stand-in `self` holding the attributes it reads, with the per-token log-probs
 handed in, so no model is needed."""
+import os
+
+# set before anything imports triton (TRL/verl do, at import): the kernel tests in the same session need the interpreter
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import types
 
 import pytest

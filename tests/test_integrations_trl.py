@@ -4,6 +4,11 @@ equal TRL's own GRPOTrainer._compute_loss on the same batch (float32, 1e-5 relat
 Tiny Llama built locally (fastupg.task.tiny, no download), CPU, no vLLM engine (the vLLM importance-sampling weights
 are TRL's `importance_sampling_ratio` input, set by hand).
 """
+import os
+
+# set before anything imports triton (TRL/verl do, at import): the kernel tests in the same session need the interpreter
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import math
 
 import pytest

@@ -1,5 +1,10 @@
 """fastupg.integrations.verl against the real verl package (verl.trainer.ppo.core_algos, verl 0.9.1): each registered
 fastupg loss gives verl's own loss, gradient and metrics on the same inputs, for every loss_agg_mode."""
+import os
+
+# set before anything imports triton (TRL/verl do, at import): the kernel tests in the same session need the interpreter
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

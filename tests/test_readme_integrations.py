@@ -1,5 +1,10 @@
 """The README's "Use it in TRL" / "Use it in verl" code runs as written: each python block after a
 `<!-- snippet: NAME -->` marker is extracted from README.md and executed in a fresh folder."""
+import os
+
+# set before anything imports triton (TRL/verl do, at import): the kernel tests in the same session need the interpreter
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import re
 from pathlib import Path
 
