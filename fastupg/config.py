@@ -4,8 +4,11 @@ Names follow TRL's GRPOConfig / TrainingArguments where a TRL name exists (num_g
 temperature, max_completion_length, epsilon, epsilon_high, beta, loss_type, learning_rate,
 per_device_train_batch_size, gradient_accumulation_steps, max_steps, save_steps, logging_steps,
 eval_steps, seed, output_dir, max_grad_norm, warmup_ratio, lr_scheduler_type, ...).
-`loss_type` selects the estimator preset (fastupg.estimator.PRESETS; TRL's grpo / dr_grpo / dapo
-mean the same thing here).
+`loss_type` selects the estimator. TRL's loss types (grpo, bnpo, dr_grpo, dapo, cispo) mean what TRL 1.16's
+GRPOTrainer computes, together with TRL's epsilon / epsilon_high / beta (see `TRL_LOSS_TYPES` below and
+tests/test_config_trl.py, which reads TRL's installed loss); fastupg's own presets (sft, reinforce, gspo, srft,
+luffy, hpt) keep fastupg's meaning (fastupg.estimator.PRESETS). Where fastupg's meaning differs it has its own
+name: aggregation `agg` (token-sum-norm is the old sum / C), `dual_clip`, `luffy_gamma`, ...
 
 Every check runs in `TrainConfig.__post_init__`, i.e. BEFORE any model, data or process is touched:
 an unknown key, a wrong type or an impossible combination is a ValueError/TypeError naming the key
@@ -29,6 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SCHEDULERS = ("constant", "cosine", "linear")
+# TRL's GRPOConfig.loss_type values fastupg expresses -> the fastupg preset they start from; their aggregation is TRL's
+# (over the whole optimizer step here, like one big batch: TRL's micro-batch formulas with equal micro-batches):
+#   grpo: per-sequence token mean, then mean over sequences    bnpo, dapo, cispo: token mean
+#   dr_grpo: token sum / (sequences * max_completion_length)
+TRL_LOSS_TYPES = {"grpo": "grpo", "bnpo": "grpo", "dr_grpo": "dr_grpo", "dapo": "dapo", "cispo": "cispo"}
+TRL_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
+           "dapo": "token-mean", "cispo": "token-mean"}
 HPT_MODES = ("switch", "soft")
 REWARDS = ("auto", "arith", "math")
 REPORT_TO = ("jsonl", "tensorboard", "wandb")
@@ -61,11 +71,13 @@ class TrainConfig:
     #                                     demonstration = its final assistant turn
     source_key: str | None = "auto"     # per-row source name (data_source/source)
     # -- estimator (TRL names where they exist) ---------------------------------------------------
-    loss_type: str = "hpt"              # estimator preset: sft grpo dr_grpo dapo cispo gspo reinforce srft luffy hpt
-    epsilon: float | None = None        # clip eps_low (None: the preset's)
-    epsilon_high: float | None = None   # clip eps_high (None: the preset's; DAPO 0.28)
+    loss_type: str = "hpt"              # TRL: grpo bnpo dr_grpo dapo cispo; fastupg presets: sft gspo reinforce srft luffy hpt
+    epsilon: float | None = None        # TRL's: ratio >= 1 - epsilon (None: TRL's 0.2 for TRL loss types, else the
+                                        # preset's); cispo has no lower bound (as in TRL)
+    epsilon_high: float | None = None   # TRL's: ratio <= 1 + epsilon_high (None: epsilon when that is set, else TRL's
+                                        # 0.2 / the preset's); cispo: the ABSOLUTE cap min(ratio, epsilon_high) (TRL)
     dual_clip: float | None = None
-    beta: float = 0.0                   # KL coefficient (TRL's name); needs a reference model copy
+    beta: float = 0.0                   # KL coefficient (TRL's k3 KL with use_bias_correction_kl=False); needs a reference model copy
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0           # entropy bonus (official HPT code: 0.001)
     scale_rewards: bool | None = None   # divide group advantages by std (None: preset; False = Dr.GRPO)
@@ -145,7 +157,7 @@ class TrainConfig:
     def __post_init__(self):
         _check_types(self)
         from fastupg.estimator import AGGS, KL_ESTIMATORS, PRESETS
-        _one_of("loss_type", self.loss_type, [p for p in PRESETS if p != "ppo"],
+        _one_of("loss_type", self.loss_type, [p for p in PRESETS if p != "ppo"] + ["bnpo"],
                 extra=" ('ppo' needs a value model, which the trainer does not train)" if self.loss_type == "ppo" else "")
         _one_of("hpt_mode", self.hpt_mode, HPT_MODES)
         from fastupg.hpt import SOFT_FUNCTIONS
@@ -216,7 +228,7 @@ class TrainConfig:
                 raise ValueError(
                     f"per_device_train_batch_size * gradient_accumulation_steps = {self.completions_per_step} "
                     f"must be a multiple of num_generations = {self.num_generations} (whole groups per rank)")
-            if self.loss_type in ("grpo", "dr_grpo", "dapo", "cispo", "gspo", "hpt") and self.num_generations < 2:
+            if self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "gspo", "hpt") and self.num_generations < 2:
                 raise ValueError(f"loss_type={self.loss_type!r} compares rollouts within a group: "
                                  f"num_generations must be >= 2, got {self.num_generations}")
         if self.num_iterations > 1 and self.loss_type == "sft":
@@ -305,12 +317,30 @@ class TrainConfig:
         """The fastupg.Estimator this config trains with (preset + overrides)."""
         from fastupg.estimator import Branch, Estimator
         ov: dict = {}
-        if self.epsilon is not None:
-            ov["eps_low"] = self.epsilon
-        if self.epsilon_high is not None:
-            ov["eps_high"] = self.epsilon_high
-        elif self.epsilon is not None and self.loss_type in ("grpo", "srft", "luffy", "hpt", "dr_grpo"):
-            ov["eps_high"] = self.epsilon  # TRL: epsilon_high defaults to epsilon
+        trl_type = self.loss_type in TRL_LOSS_TYPES
+        preset = TRL_LOSS_TYPES.get(self.loss_type, self.loss_type)
+        if self.loss_type == "cispo":
+            # TRL's CISPO: weight = sg(min(ratio, epsilon_high)), epsilon_high absolute (defaulting to epsilon); no
+            # lower bound (eps_low = 1: the bound 1 - eps_low = 0 is never active)
+            cap = self.epsilon_high if self.epsilon_high is not None else self.epsilon
+            if cap is not None:
+                if cap < 1:
+                    key = "epsilon_high" if self.epsilon_high is not None else "epsilon"
+                    raise ValueError(f"{key}={cap} with loss_type='cispo': TRL's CISPO caps the ratio at epsilon_high "
+                                     "(absolute, defaulting to epsilon; TRL's docs suggest 5.0): it must be >= 1")
+                ov["eps_high"] = cap - 1.0
+        elif trl_type or self.epsilon is not None or self.epsilon_high is not None:
+            # TRL: ratio clipped to [1 - epsilon, 1 + epsilon_high], epsilon = 0.2 and epsilon_high = epsilon by default
+            base_eps = Estimator.preset(preset).eps_low
+            eps = self.epsilon if self.epsilon is not None else (0.2 if trl_type else base_eps)
+            if self.epsilon is not None or trl_type:
+                ov["eps_low"] = eps
+            if self.epsilon_high is not None:
+                ov["eps_high"] = self.epsilon_high
+            elif self.epsilon is not None or trl_type:
+                ov["eps_high"] = eps
+        if self.agg is None and self.loss_type in TRL_AGG:
+            ov["agg"] = TRL_AGG[self.loss_type]
         if self.dual_clip is not None:
             ov["dual_clip"] = self.dual_clip
         if self.beta:
@@ -328,7 +358,7 @@ class TrainConfig:
             ov["agg_norm"] = self.agg_norm
         if self.luffy_gamma is not None:
             ov["gamma"] = self.luffy_gamma
-        base = Estimator.preset(self.loss_type)
+        base = Estimator.preset(preset)
         if not self.online_clip:
             if base.online is None:
                 raise ValueError(f"online_clip=false: loss_type={self.loss_type!r} has no on-policy branch")
@@ -343,7 +373,7 @@ class TrainConfig:
             ov["offline"] = dataclasses.replace(luffy.offline, coef=coef)
             ov.setdefault("gamma", luffy.gamma)
         try:
-            return Estimator.preset(self.loss_type, **ov)
+            return dataclasses.replace(Estimator.preset(preset, **ov), name=self.loss_type)
         except (TypeError, ValueError) as e:
             raise ValueError(f"invalid estimator settings for loss_type={self.loss_type!r}: {e}") from None
 

@@ -25,13 +25,40 @@ import torch
 REFS = ("policy", "old", "one", "seq")
 MASKS = ("none", "clip", "cispo")
 ADVANTAGES = ("one", "grpo", "mixed", "reinforce", "rloo", "gae")
-AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
+AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum",
+        "token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def _choice(owner: str, name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{owner}.{name}={value!r} is not one of {list(allowed)}")
+
+
+_NUMBER_FIELDS = ("eps_low", "eps_high", "dual_clip", "gamma", "entropy_coef", "kl_coef", "agg_norm")
+_STR_FIELDS = ("kl_estimator", "agg", "offline_agg", "name")
+
+
+def _check_field_type(key: str, value) -> None:
+    """A wrong type (e.g. eps_high="0.2" from a YAML string) is a TypeError naming the field, never a comparison
+    error deep inside __post_init__ or, worse, a silently different estimator."""
+    none_ok = key in ("dual_clip", "agg_norm", "offline_agg", "online", "offline")
+    if value is None and none_ok:
+        return
+    if key in _NUMBER_FIELDS:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        want = "a number"
+    elif key in _STR_FIELDS:
+        ok, want = isinstance(value, str), "a str"
+    elif key == "adv_std":
+        ok, want = isinstance(value, bool), "a bool"
+    elif key in ("online", "offline"):
+        ok, want = isinstance(value, Branch), "a Branch"
+    else:
+        return
+    if not ok:
+        raise TypeError(f"Estimator.{key} must be {want}{' or None' if none_ok else ''}, "
+                        f"got {value!r} ({type(value).__name__})")
 
 
 @dataclass(frozen=True)
@@ -59,12 +86,19 @@ class Branch:
             raise ValueError(f"Branch.mask='cispo' needs ref='old' (got ref={self.ref!r})")
         if self.ref == "one" and self.mask != "none":
             raise ValueError(f"Branch.mask={self.mask!r} with ref='one' is not a defined estimator: use mask='none'")
+        if not isinstance(self.coef, (int, float)) or isinstance(self.coef, bool):
+            raise TypeError(f"Branch.coef must be a number, got {self.coef!r} ({type(self.coef).__name__})")
         if not math.isfinite(self.coef) or self.coef < 0:
             raise ValueError(f"Branch.coef must be finite and >= 0, got {self.coef}")
 
     @property
     def needs_old(self) -> bool:
         return self.ref in ("old", "seq")
+
+    @property
+    def needs_advantages(self) -> bool:
+        """False for advantage 'one': the branch's tokens use A = 1 whatever `advantages=` holds."""
+        return self.advantage != "one"
 
 
 @dataclass(frozen=True)
@@ -82,10 +116,12 @@ class Estimator:
     kl_estimator: str = "k3"
     agg: str = "token-mean"
     offline_agg: str | None = None  # None: both branches aggregated together; else each by its own mode, summed
-    agg_norm: float | None = None   # constant of seq-mean-token-sum-norm (None: padded length of a 2-D batch)
+    agg_norm: float | None = None   # constant C of (seq-mean-)token-sum-norm (None: padded length of a 2-D batch)
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check_field_type(f.name, getattr(self, f.name))
         if self.online is None and self.offline is None:
             raise ValueError("Estimator needs at least one of online=, offline= branches")
         for side in ("online", "offline"):
@@ -127,6 +163,8 @@ class Estimator:
         bad = sorted(set(overrides) - fields)
         if bad:
             raise ValueError(f"unknown Estimator field(s) {bad}; allowed: {sorted(fields)}")
+        for key, value in overrides.items():
+            _check_field_type(key, value)
         return dataclasses.replace(base, **overrides)
 
     @property
@@ -137,6 +175,11 @@ class Estimator:
     def branch(self, offline: bool) -> Branch | None:
         return self.offline if offline else self.online
 
+    @property
+    def needs_advantages(self) -> bool:
+        """True when some branch estimates A (anything but advantage 'one'): then `advantages=` is required."""
+        return any(b is not None and b.needs_advantages for b in (self.online, self.offline))
+
 
 _GRPO = Branch(ref="old", mask="clip", advantage="grpo")
 _SFT = Branch(ref="policy", mask="none", advantage="one")
@@ -146,7 +189,9 @@ PRESETS: dict[str, Estimator] = {
     "reinforce": Estimator(online=Branch("policy", "none", "reinforce"), name="reinforce"),
     "ppo": Estimator(online=Branch("old", "clip", "gae"), name="ppo"),
     "grpo": Estimator(online=_GRPO, name="grpo"),
-    "dr_grpo": Estimator(online=_GRPO, adv_std=False, agg="seq-mean-token-sum-norm", name="dr_grpo"),
+    # Dr.GRPO as the fastupg preset has always computed it: sum over tokens / C (old verl; TRL's dr_grpo is
+    # agg='seq-mean-token-sum-norm', i.e. also / number of sequences -- see fastupg.integrations.trl)
+    "dr_grpo": Estimator(online=_GRPO, adv_std=False, agg="token-sum-norm", name="dr_grpo"),
     "dapo": Estimator(online=_GRPO, eps_high=0.28, agg="token-mean", name="dapo"),
     # CISPO (MiniMax-M1): only the upper bound is used, so eps_low = 1 puts the lower bound at 0 (never active);
     # eps_high = 0.28 as in the ScaleRL/DAPO settings. The clipped weight is stop-gradient: every token keeps a gradient.
@@ -174,14 +219,18 @@ def _agg_weights_one(mask: torch.Tensor, seq: torch.Tensor | None, nseq: int, mo
         return mask
     if mode == "token-mean":
         return mask / mask.sum().clamp_min(1.0)
-    if mode == "seq-mean-token-sum-norm":
-        # verl's definition: sum over all tokens / constant (Dr.GRPO; the official HPT code uses 8192)
+    if mode == "token-sum-norm":
+        # sum over all tokens / constant C: Dr.GRPO as verl < 0.5 computed 'seq-mean-token-sum-norm' (and so the
+        # official HPT code, with C = 8192). fastupg's own name, since verl's mode now also averages over sequences
         return mask / norm
     assert seq is not None
     per_seq = torch.zeros(nseq, dtype=mask.dtype, device=mask.device).index_add_(0, seq, mask)
     n_nonempty = (per_seq > 0).sum().clamp_min(1).to(mask.dtype)
     if mode == "seq-mean-token-sum":
         return mask / n_nonempty
+    if mode == "seq-mean-token-sum-norm":
+        # verl's agg_loss: mean over non-empty sequences of the token sum, / C (= TRL's dr_grpo: sum / (B * C))
+        return mask / (n_nonempty * norm)
     # seq-mean-token-mean
     return mask / (per_seq.clamp_min(1.0)[seq] * n_nonempty)
 
@@ -194,13 +243,14 @@ def aggregation_weights(estimator: Estimator, mask: torch.Tensor, offline: torch
     _choice("policy_loss", "agg", mode, AGGS)
     modes = [mode] if estimator.offline_agg is None else [mode, estimator.offline_agg]
     norm = estimator.agg_norm if estimator.agg_norm is not None else padded_len
-    if "seq-mean-token-sum-norm" in modes and norm is None:
-        raise ValueError("agg='seq-mean-token-sum-norm' needs Estimator.agg_norm (or 2-D log-probs, whose "
-                         "padded length is the default constant)")
-    if any(m.startswith("seq-mean") and m != "seq-mean-token-sum-norm" for m in modes) and seq_ids is None:
+    for m_ in modes:
+        if m_.endswith("token-sum-norm") and norm is None:
+            raise ValueError(f"agg={m_!r} needs Estimator.agg_norm (or 2-D log-probs, whose padded length is the "
+                             "default constant)")
+    if any(m.startswith("seq-mean") for m in modes) and seq_ids is None:
         raise ValueError(f"agg={modes} needs seq_ids= (or 2-D log-probs, one row per sequence)")
     seq = None
-    if seq_ids is not None and any(m.startswith("seq-mean") and m != "seq-mean-token-sum-norm" for m in modes):
+    if seq_ids is not None and any(m.startswith("seq-mean") for m in modes):
         # nseq given: ids are already 0..nseq-1 (the rows of 2-D inputs); else densify (torch.unique)
         seq, nseq = (seq_ids, nseq) if nseq is not None else _dense_ids(seq_ids)
     mask = mask.to(torch.float64)  # O(N): exact weights cost nothing next to the vocabulary pass
@@ -280,7 +330,7 @@ def _check_tensor(name: str, t, n_shape, *, finite=True, dtype_kind=None, checks
     return t
 
 
-def prepare_inputs(logp_shape, estimator: Estimator, *, advantages, old_logp=None, mask=None, offline=None,
+def prepare_inputs(logp_shape, estimator: Estimator, *, advantages=None, old_logp=None, mask=None, offline=None,
                    seq_ids=None, weight=None, entropy=None, ref_logp=None, device=None,
                    entropy_in_kernel: bool = False, checks: list | None = None):
     """Validate and flatten the per-token inputs shared by `policy_loss` and the fused kernels.
@@ -288,6 +338,9 @@ def prepare_inputs(logp_shape, estimator: Estimator, *, advantages, old_logp=Non
     Returns a dict of flat (N,) tensors: adv, old (or None), mask (bool), offline (bool), seq (or None),
     weight (float: branch coef * caller weight), ref (or None), plus padded_len for 2-D inputs and nseq (the number
     of sequences when seq ids are known to be 0..nseq-1, else None).
+    `adv` is the advantage every implementation must use: 1.0 on the tokens of a branch whose advantage is 'one'
+    (SFT), whatever `advantages=` holds there; `advantages=` may be None when no branch needs it (then `adv` is all
+    ones, float32 on `device`).
     Value checks (non-finite, negative weights, tokens of a missing branch) are appended to `checks` when it is
     given, for the caller to run with its own (see `raise_failed_checks`); else they run here, in one sync.
     """
@@ -299,8 +352,14 @@ def prepare_inputs(logp_shape, estimator: Estimator, *, advantages, old_logp=Non
     if len(shape) not in (1, 2):
         raise ValueError(f"logp must be 1-D (N,) or 2-D (B, T), got shape {tuple(shape)}")
     if advantages is None:
-        raise ValueError("advantages= is required (use torch.ones for SFT tokens)")
-    if isinstance(advantages, (int, float)):
+        if estimator.needs_advantages:
+            need = [f"{side} (advantage={b.advantage!r})" for side, b in (("online", estimator.online),
+                                                                          ("offline", estimator.offline))
+                    if b is not None and b.needs_advantages]
+            raise ValueError(f"advantages= is required: estimator {estimator.name!r} estimates A on its "
+                             f"{' and '.join(need)} tokens")
+        advantages = torch.ones(shape, device=device)  # every branch uses A = 1 (SFT)
+    if isinstance(advantages, (int, float)) and not isinstance(advantages, bool):
         advantages = torch.full(shape, float(advantages), device=device)
     _check_tensor("advantages", advantages, shape, dtype_kind="float", checks=checks)
     _check_tensor("old_logp", old_logp, shape, dtype_kind="float", checks=checks)
@@ -342,6 +401,14 @@ def prepare_inputs(logp_shape, estimator: Estimator, *, advantages, old_logp=Non
         raise ValueError("ref_logp= is required when Estimator.kl_coef != 0")
     if estimator.sequence_level and seq_ids is None:
         raise ValueError("seq_ids= is required for sequence-level estimators (gspo) with 1-D log-probs")
+    # a branch with advantage 'one' uses A = 1 on its tokens, whatever the caller's tensor holds there (an HPT batch
+    # carries GRPO advantages; they must not weight the demonstration tokens)
+    one_on = estimator.online is not None and not estimator.online.needs_advantages
+    one_off = estimator.offline is not None and not estimator.offline.needs_advantages
+    if one_on and one_off:
+        adv = torch.ones_like(adv)
+    elif one_on or one_off:
+        adv = torch.where(off if one_off else ~off, torch.ones_like(adv), adv)
     coef_on = estimator.online.coef if estimator.online is not None else 0.0
     coef_off = estimator.offline.coef if estimator.offline is not None else 0.0
     w = torch.where(off, torch.as_tensor(coef_off, dtype=adv.dtype, device=adv.device),
@@ -364,12 +431,13 @@ def sequence_ratio(l: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, seq_i
     return torch.exp(tot / cnt)[seq]
 
 
-def policy_loss(logp: torch.Tensor, estimator: Estimator, *, advantages, old_logp=None, mask=None, offline=None,
+def policy_loss(logp: torch.Tensor, estimator: Estimator, *, advantages=None, old_logp=None, mask=None, offline=None,
                 seq_ids=None, weight=None, entropy=None, ref_logp=None, agg: str | None = None):
     """Scalar loss of the unified estimator from per-token log-probs (any source), and a metrics dict.
 
     logp:       (N,) or (B, T) log pi_theta(y_t) at the sampling temperature, differentiable
-    advantages: same shape, A per token (broadcast sequence advantages yourself: fastupg.advantages.to_tokens)
+    advantages: same shape, A per token (broadcast sequence advantages yourself: fastupg.advantages.to_tokens);
+                ignored (A = 1) on tokens of a branch with advantage 'one'; optional when every branch has it (SFT)
     old_logp:   behaviour-policy log-probs; required where a branch uses ref='old'/'seq'
     mask:       tokens that count (bool/0-1); offline: True marks demonstration tokens
     seq_ids:    sequence id per token (1-D inputs; rows of a 2-D input are the sequences)

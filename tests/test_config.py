@@ -26,7 +26,7 @@ def test_official_and_paper_hpt_differ_as_documented():
     off = load_config(CONFIGS[0].parent / "hpt-official.yaml").estimator()
     assert paper.online.mask == "clip" and paper.adv_std and paper.agg == "token-mean"
     assert off.online.mask == "none" and not off.adv_std
-    assert (off.agg, off.agg_norm, off.offline_agg, off.entropy_coef) == ("seq-mean-token-sum-norm", 8192, "token-mean", 0.001)
+    assert (off.agg, off.agg_norm, off.offline_agg, off.entropy_coef) == ("token-sum-norm", 8192, "token-mean", 0.001)
 
 
 def test_overrides_and_types():

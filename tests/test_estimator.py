@@ -141,11 +141,13 @@ def test_aggregation_modes():
     # sequence 2 has no unmasked tokens: it is not counted
     assert w("seq-mean-token-mean") == pytest.approx([.25, .25, 0, 1 / 6, 1 / 6, 1 / 6, 0, 0])
     assert w("seq-mean-token-sum") == pytest.approx([x / 2 for x in m])
-    assert w("seq-mean-token-sum-norm") == pytest.approx([x / 16 for x in m])
+    # verl's seq-mean-token-sum-norm: seq-mean of token sums / C (2 non-empty sequences); token-sum-norm: sum / C
+    assert w("seq-mean-token-sum-norm") == pytest.approx([x / (2 * 16) for x in m])
+    assert w("token-sum-norm") == pytest.approx([x / 16 for x in m])
 
 
 def test_separate_branch_aggregation():  # official HPT code: RL sum/8192, SFT pooled token mean
-    est = Estimator.preset("hpt", agg="seq-mean-token-sum-norm", agg_norm=8192.0, offline_agg="token-mean")
+    est = Estimator.preset("hpt", agg="token-sum-norm", agg_norm=8192.0, offline_agg="token-mean")
     mask = torch.ones(6, dtype=torch.bool)
     off = torch.tensor([0, 0, 0, 0, 1, 1], dtype=torch.bool)
     w = aggregation_weights(est, mask, off, None).tolist()
@@ -239,3 +241,87 @@ def test_bad_tensors_are_named():
         policy_loss(l, Estimator.preset("grpo", entropy_coef=0.1), advantages=A, old_logp=old)
     with pytest.raises(ValueError, match="agg_norm"):
         policy_loss(l, Estimator.preset("dr_grpo"), advantages=A, old_logp=old)
+
+
+# -- issue 12 item 4: a branch with advantage 'one' uses A = 1; advantages= optional when no branch needs it -----------
+def test_advantage_one_branch_ignores_the_advantage_tensor():
+    """HPT with a GRPO advantage tensor: demonstration tokens (SFT branch, advantage 'one') get A = 1, not the
+    group advantage that happens to sit in the tensor (the old code weighted them by it)."""
+    l, A, old = _data()
+    off = torch.arange(64) >= 40
+    est = Estimator.preset("hpt")
+    g, _, _ = _grad(est, l, advantages=A, old_logp=old, offline=off)
+    ones = torch.where(off, torch.ones_like(A), A)
+    g_ref, _, _ = _grad(est, l, advantages=ones, old_logp=old, offline=off)
+    torch.testing.assert_close(g, g_ref)
+    assert torch.equal(g[off], -torch.ones(24, dtype=DT))   # token-sum: d(-l)/dl = -1, not -A
+
+
+def test_sft_needs_no_advantages_and_ignores_given_ones():
+    l, A, _ = _data()
+    est = Estimator.preset("sft")
+    g0, loss0, _ = _grad(est, l)
+    g1, loss1, _ = _grad(est, l, advantages=A)
+    torch.testing.assert_close(g0, -torch.ones_like(l))
+    torch.testing.assert_close(g1, g0)
+    torch.testing.assert_close(loss0, -l.sum())
+    torch.testing.assert_close(loss1, loss0)
+
+
+def test_advantages_required_names_the_branch():
+    l, _, old = _data()
+    with pytest.raises(ValueError, match=r"advantages= is required.*online \(advantage='grpo'\)"):
+        policy_loss(l, Estimator.preset("grpo"), old_logp=old)
+    with pytest.raises(ValueError, match=r"advantages= is required.*online"):
+        policy_loss(l, Estimator.preset("hpt"), old_logp=old, offline=torch.arange(64) >= 40)
+
+
+def test_prepare_inputs_adv_is_one_on_sft_tokens():
+    """The contract the Triton kernels rely on: prepare_inputs' `adv` already holds A = 1 on 'one' tokens."""
+    from fastupg.estimator import prepare_inputs
+    _, A, old = _data()
+    off = torch.arange(64) >= 40
+    x = prepare_inputs((64,), Estimator.preset("hpt"), advantages=A, old_logp=old, offline=off)
+    assert torch.equal(x["adv"][off], torch.ones(24, dtype=DT))
+    assert torch.equal(x["adv"][~off], A[~off])
+    x = prepare_inputs((4, 16), Estimator.preset("sft"), advantages=None)
+    assert torch.equal(x["adv"], torch.ones(64))
+
+
+@pytest.mark.parametrize("field,value", [("eps_high", "0.2"), ("eps_low", None), ("kl_coef", "0.1"),
+                                         ("agg", 3), ("adv_std", 1), ("dual_clip", "3")])
+def test_preset_override_of_wrong_type_names_the_field(field, value):
+    with pytest.raises(TypeError, match=f"Estimator.{field} must be"):
+        Estimator.preset("grpo", **{field: value})
+
+
+def test_branch_coef_of_wrong_type_names_the_field():
+    with pytest.raises(TypeError, match="Branch.coef must be a number"):
+        Branch("policy", coef="0.5")
+
+
+def test_fused_linear_paths_use_one_on_sft_tokens():
+    """The fused-linear loss (one-pass chunked and two-pass) gets A = 1 on SFT tokens through prepare_inputs' `adv`."""
+    from fastupg.kernels.fused_linear import fused_linear_policy_loss
+    g = torch.Generator().manual_seed(7)
+    N, D, V = 24, 8, 37
+    h = torch.randn(N, D, generator=g, dtype=DT)
+    w = torch.randn(V, D, generator=g, dtype=DT)
+    tgt = torch.randint(0, V, (N,), generator=g)
+    A = torch.randn(N, generator=g, dtype=DT)
+    off = torch.arange(N) >= 16
+    est = Estimator.preset("hpt")
+    ones_on_sft = torch.where(off, torch.ones_like(A), A)
+    old = torch.log_softmax(h @ w.t(), -1).gather(1, tgt[:, None]).squeeze(1) + 0.3 * torch.randn(N, generator=g,
+                                                                                                  dtype=DT)
+    out = []
+    for adv, one_pass in ((A, True), (A, False), (ones_on_sft, False)):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss, _ = fused_linear_policy_loss(hh, ww, tgt, est, advantages=adv, old_logp=old, offline=off,
+                                           impl="chunked",
+                                           one_pass=one_pass)
+        loss.backward()
+        out.append((loss.detach(), hh.grad, ww.grad))
+    for got in out[:2]:
+        for a, b in zip(got, out[2]):
+            torch.testing.assert_close(a, b)

@@ -209,7 +209,7 @@ class _PrecomputedGrad(torch.autograd.Function):
         return None, sc(dH), sc(dW), sc(db), None, None, None
 
 
-def fused_linear_policy_loss(hidden, lm_head_weight, targets, estimator: Estimator, *, advantages, old_logp=None,
+def fused_linear_policy_loss(hidden, lm_head_weight, targets, estimator: Estimator, *, advantages=None, old_logp=None,
                              mask=None, offline=None, seq_ids=None, weight=None, ref_logp=None, agg=None,
                              temperature=1.0, bias=None, impl=None, exact=True, filter_eps=None,
                              chunk_bytes=DEFAULT_CHUNK_BYTES, one_pass=None, token_weight=None):

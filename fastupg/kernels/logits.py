@@ -426,7 +426,7 @@ def _metrics(est: Estimator, loss, contrib, x, ent, flags, ratio):
     }
 
 
-def fused_policy_loss(logits: torch.Tensor, targets: torch.Tensor, estimator: Estimator, *, advantages,
+def fused_policy_loss(logits: torch.Tensor, targets: torch.Tensor, estimator: Estimator, *, advantages=None,
                       old_logp=None, mask=None, offline=None, seq_ids=None, weight=None, ref_logp=None,
                       temperature: float = 1.0, agg: str | None = None, inplace_backward: bool = False,
                       block_v: int | None = None):

@@ -26,7 +26,7 @@ def token_logprobs_ref(logits: torch.Tensor, targets: torch.Tensor, temperature:
     return logp, ent
 
 
-def fused_policy_loss_ref(logits: torch.Tensor, targets: torch.Tensor, estimator: Estimator, *, advantages,
+def fused_policy_loss_ref(logits: torch.Tensor, targets: torch.Tensor, estimator: Estimator, *, advantages=None,
                           old_logp=None, mask=None, offline=None, seq_ids=None, weight=None, ref_logp=None,
                           temperature: float = 1.0, agg: str | None = None):
     logp, ent = token_logprobs_ref(logits, targets, temperature, return_entropy=True)
