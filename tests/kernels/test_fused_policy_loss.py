@@ -52,7 +52,6 @@ def _check(est, logits, targets, kw, tol, agg=None, inplace=False):
     if inplace:
         z = logits.clone().requires_grad_()
         src = z * 1  # non-leaf buffer the kernel may overwrite
-        src.retain_grad()
     loss, met = fused_policy_loss(src, targets, est, temperature=0.7, agg=agg, inplace_backward=inplace,
                                   block_v=SMALL, **kw)
     loss.backward()
