@@ -40,7 +40,7 @@ SIZES = [(8, 1024, 151936), (4, 8192, 151936)]
 QUICK_SIZES = [(2, 16, 1031), (2, 64, 1031)]
 METHODS = ("liger", "fastupg-fused", "fastupg-fused-deferred", "fastupg-logprobs", "eager", "torch.compile",
            "fastupg-fused-inplace")  # (in-place last: it overwrites the shared logits buffer)
-TUNE = [(4096, 4), (8192, 4), (8192, 8), (16384, 8), (16384, 16), (32768, 16)]
+TUNE = [(4096, 2), (4096, 4), (8192, 4), (8192, 8), (16384, 8), (16384, 16)]
 
 
 class _Alias(torch.autograd.Function):
