@@ -7,6 +7,7 @@ Methods, at B x T x V = 8 x 1024 x 151936 and 4 x 8192 x 151936 bf16 (8k and 32k
   fastupg-logprobs        token_logprobs + fastupg.policy_loss (the log-prob layer: forward and backward kernels)
   eager / torch.compile   fastupg.policy_loss on log_softmax(logits.float()).gather (PyTorch)
   liger                   Liger-Kernel's triton_grpo_loss (if importable; GRPO only, no metrics)
+  copy                    a device-to-device copy of the logits: the floor for reading them once + writing once
 Every fastupg row computes the same metrics (clip fractions, ratio mean, entropy, KL, token counts) in the kernels.
 Time: triton.testing.do_bench median (ms), L2 flushed; peak = memory allocated beyond the inputs during one step
 (the N x V gradient counts unless written in place); x liger = Liger's time / this time, same size, same run.
@@ -38,9 +39,11 @@ from fastupg.kernels import logits as K  # noqa: E402
 
 SIZES = [(8, 1024, 151936), (4, 8192, 151936)]
 QUICK_SIZES = [(2, 16, 1031), (2, 64, 1031)]
-METHODS = ("liger", "fastupg-fused", "fastupg-fused-deferred", "fastupg-logprobs", "eager", "torch.compile",
+METHODS = ("copy", "liger", "fastupg-fused", "fastupg-fused-deferred", "fastupg-logprobs", "eager", "torch.compile",
            "fastupg-fused-inplace")  # (in-place last: it overwrites the shared logits buffer)
-TUNE = [(4096, 2), (4096, 4), (8192, 4), (8192, 8), (16384, 8), (16384, 16)]
+# (chunk, warps, one launch): the last entries time the two-launch form (3 x N x V bytes, no inter-program sync)
+TUNE = [(2048, 2, True), (4096, 2, True), (4096, 4, True), (8192, 4, True), (8192, 8, True), (16384, 8, True),
+        (16384, 16, True), (4096, 4, False), (8192, 8, False)]
 
 
 class _Alias(torch.autograd.Function):
@@ -83,6 +86,11 @@ def make_step(method: str, p: Problem, compiled=None):
     cuda = p.logits.is_cuda
     triton_ok = cuda or os.environ.get("TRITON_INTERPRET") == "1"
     kw = dict(advantages=p.adv, old_logp=p.old, mask=p.mask)
+    if method == "copy":  # the floor of a loss that reads the logits once and writes their gradient once
+        if not cuda:
+            return None
+        dst = torch.empty_like(p.logits)
+        return lambda: dst.copy_(p.logits)
     if method.startswith("fastupg-fused"):
         if not triton_ok and method != "fastupg-fused":
             return None
@@ -90,7 +98,7 @@ def make_step(method: str, p: Problem, compiled=None):
         inplace = method == "fastupg-fused-inplace"
 
         def step():
-            z = _Alias.apply(p.logits) if inplace else p.logits.detach().requires_grad_()
+            z = _Alias.apply(p.logits.detach().requires_grad_()) if inplace else p.logits.detach().requires_grad_()
             fused_policy_loss(z, p.y, p.est, check=check, inplace_backward=inplace, **kw)[0].backward()
         return step
     if method == "fastupg-logprobs":
@@ -175,17 +183,18 @@ def run_one(method: str, p: Problem, compiled=None) -> dict:
 def tune(p: Problem, configs=TUNE) -> tuple[int, int]:
     """Sweep the fused kernel's (vocabulary chunk, warps) with check='deferred'; set and return the fastest."""
     rows = []
-    for chunk, warps in configs:
-        K.SPLIT.update(chunk=chunk, warps=warps)
+    for chunk, warps, one in configs:
+        K.SPLIT.update(chunk=chunk, warps=warps, one_launch=one)
         r = run_one("fastupg-fused-deferred", p)
-        print(f"# tune chunk={chunk:6d} warps={warps:2d}: {r['total_ms'] if r['total_ms'] else r['status']}",
-              flush=True)
+        print(f"# tune chunk={chunk:6d} warps={warps:2d} one_launch={one}: "
+              f"{r['total_ms'] if r['total_ms'] else r['status']}  "
+              f"(registers, spills, programs/SM: {K.KERNEL_INFO.get((chunk, warps)) if one else '-'})", flush=True)
         if r["total_ms"]:
-            rows.append((r["total_ms"], chunk, warps))
+            rows.append((r["total_ms"], chunk, warps, one))
     best = min(rows)
-    K.SPLIT.update(chunk=best[1], warps=best[2])
-    print(f"# tune best: chunk={best[1]} warps={best[2]} ({best[0]:.3f} ms)", flush=True)
-    return best[1], best[2]
+    K.SPLIT.update(chunk=best[1], warps=best[2], one_launch=best[3])
+    print(f"# tune best: {K.SPLIT} ({best[0]:.3f} ms)", flush=True)
+    return K.SPLIT
 
 
 def profile_step(method: str, p: Problem) -> str:
@@ -196,13 +205,23 @@ def profile_step(method: str, p: Problem) -> str:
         return f"{method}: not available"
     step()
     torch.cuda.synchronize()
+    walls, hosts = [], []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()  # host time: until the call returns (all launches queued, or the sync of check="sync" done)
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        hosts.append((t1 - t0) * 1e3)
+        walls.append((time.perf_counter() - t0) * 1e3)
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         step()
         torch.cuda.synchronize()
     ev = [x for x in prof.key_averages() if x.device_type == torch.autograd.DeviceType.CUDA]
     kern = sum(x.self_device_time_total for x in ev) / 1e3
     top = sorted(ev, key=lambda x: -x.self_device_time_total)[:4]
-    return (f"{method}: {sum(x.count for x in ev)} GPU kernels, {kern:.3f} ms GPU time; top: " +
+    return (f"{method}: wall {sorted(walls)[2]:.3f} ms/step (host returns after {sorted(hosts)[2]:.3f} ms), "
+            f"{sum(x.count for x in ev)} GPU kernels, {kern:.3f} ms GPU time; top: " +
             "; ".join(f"{x.key[:40]} {x.self_device_time_total / 1e3:.3f} ms x{x.count}" for x in top))
 
 
@@ -294,6 +313,7 @@ def main(argv=None):
         if cuda:
             torch.cuda.empty_cache()
     info["fused_kernel_config"] = dict(K.SPLIT)
+    info["fused_kernel_resources"] = {f"{c}x{w}": v for (c, w), v in K.KERNEL_INFO.items()}
     text = table(rows)
     print(f"device: {info['device']}  ({'times meaningless: CPU smoke test' if not cuda else 'do_bench median'})")
     print(text)

@@ -323,6 +323,18 @@ def _nonfinite(v):
 
 
 @triton.jit
+def _load_chunk(logits_ptr, sb, st, TR, info_ptr, row, N, offs, V):
+    """This program's chunk of logits of `row` (-inf where masked: rows past N and rows that do not count)."""
+    ok = row < N
+    r = tl.where(ok, row, 0)
+    info = tl.load(info_ptr + r).to(tl.int32)
+    b = r // TR
+    ptr = logits_ptr + b * sb + (r - b * TR) * st
+    lim = tl.where(ok & ((info & 1) != 0), V, 0)  # (a scalar bound: the interpreter takes no tile & scalar masks)
+    return tl.load(ptr + offs, mask=offs < lim, other=float("-inf"), eviction_policy="evict_first")
+
+
+@triton.jit
 def _fused_kernel(logits_ptr, sb, st, TR, grad_ptr, gsb, gst,
                   tgt_ptr, adv_ptr, old_ptr, ref_ptr, scale_ptr, info_ptr,
                   ell_ptr, logp_ptr, ent_ptr, ratio_ptr, kl_ptr, flags_ptr,
@@ -351,8 +363,13 @@ def _fused_kernel(logits_ptr, sb, st, TR, grad_ptr, gsb, gst,
     offs = c * CHUNK + tl.arange(0, CHUNK)
     valid = offs < V
     kk = tl.arange(0, KP)
+    row0 = pid // K + tl.zeros((), tl.int64)  # 64-bit offsets: N x V may exceed 2^31
+    xq = _load_chunk(logits_ptr, sb, st, TR, info_ptr, row0, N, offs, V)
     for it in range(0, iters):
-        row = (pid // K + it * G) + tl.zeros((), tl.int64)  # 64-bit offsets: N x V may exceed 2^31
+        row = row0 + it * G
+        # prefetch: the next row's chunk is in flight while this row's partials are combined and its gradient
+        # written (no hazard in place: nobody writes that row before this program has arrived at its counter)
+        xq_next = _load_chunk(logits_ptr, sb, st, TR, info_ptr, row + G, N, offs, V)
         if row < N:
             info = tl.load(info_ptr + row).to(tl.int32)
             b = row // TR
@@ -376,9 +393,8 @@ def _fused_kernel(logits_ptr, sb, st, TR, grad_ptr, gsb, gst,
                 errs |= tl.where(_nonfinite(rl), E_REF, 0)
             if (info & 1) != 0:
                 is_off = (info & 2) != 0
+                x = xq.to(tl.float32) * inv_t
                 if PHASE != 2:
-                    x = tl.load(row_ptr + offs, mask=valid, other=float("-inf"),
-                                eviction_policy="evict_first").to(tl.float32) * inv_t
                     mc = tl.maximum(tl.max(x, 0), _NEG)
                     e = tl.exp(x - mc)
                     tl.store(wsr + c * 4, mc)
@@ -393,7 +409,6 @@ def _fused_kernel(logits_ptr, sb, st, TR, grad_ptr, gsb, gst,
                         n = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
                 if PHASE != 1:
                     if PHASE == 2:
-                        x = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_t
                         mc = tl.load(wsr + c * 4)
                         e = tl.exp(x - mc)
                     pm = tl.load(wsr + kk * 4, mask=kk < K, other=_NEG, cache_modifier=".cg")
@@ -472,6 +487,7 @@ def _fused_kernel(logits_ptr, sb, st, TR, grad_ptr, gsb, gst,
                         tl.store(ratio_ptr + row, 0.0)
                         tl.store(kl_ptr + row, 0.0)
                         tl.store(flags_ptr + row, errs)
+        xq = xq_next
 
 
 @triton.jit
@@ -883,20 +899,34 @@ def _flat_arg(name, t, shape, device, kind=None):
 # ------------------------------------------------------------------------------------------------------------------
 # The fused kernel: vocabulary chunk held in registers per program, warps per program (benchmarks/bench_logits.py
 # --tune sweeps them; FASTUPG_LOGITS_SPLIT="chunk,warps" overrides).
-SPLIT = dict(chunk=8192, warps=8)
+SPLIT = dict(chunk=8192, warps=8, one_launch=True)  # one_launch=False: PHASE 1 + 2 on the GPU too (3 x N x V bytes)
 _OCCUPANCY: dict = {}  # compiled-kernel key -> programs per SM that fit at once (from its registers/shared memory)
+KERNEL_INFO: dict = {}  # (chunk, warps) -> (registers per thread, spills, programs per SM): printed by the benchmark
 
 
 def _split_config(V: int, block_v: int | None) -> tuple[int, int]:
     env = os.environ.get("FASTUPG_LOGITS_SPLIT")
     chunk, warps = (int(v) for v in env.split(",")) if env else (SPLIT["chunk"], SPLIT["warps"])
-    chunk = min(block_v or chunk, triton.next_power_of_2(V))
+    chunk = min(block_v or chunk, _pow2(V))
     return chunk, warps
+
+
+def _pow2(n: int) -> int:
+    return 1 << (int(n) - 1).bit_length()
+
+
+_N_SM: dict = {}
+
+
+def _sm_count(dev: torch.device) -> int:
+    if dev.index not in _N_SM:
+        _N_SM[dev.index] = torch.cuda.get_device_properties(dev).multi_processor_count
+    return _N_SM[dev.index]
 
 
 def _single_launch_ok(dev: torch.device) -> bool:
     """The one-launch (PHASE 0) kernel needs every program of a row resident at once: compiled CUDA code only."""
-    return dev.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1" and \
+    return dev.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1" and SPLIT["one_launch"] and \
         os.environ.get("FASTUPG_LOGITS_TWO_PASS", "0") != "1"
 
 
@@ -924,7 +954,7 @@ def _launch_rows(z, sb, st, TR, grad, gsb, gst, tgt, N, V, est, *, adv, adv_scal
     """The main kernel over N rows: returns per-token (ell, logp, ent, ratio, kl, flags)."""
     dev = z.device
     chunk, warps = _split_config(V, block_v)
-    K = triton.cdiv(V, chunk)
+    K = -(-V // chunk)
     f32 = dict(dtype=torch.float32, device=dev)
     tok = torch.empty(5, N, **f32)
     ell, logp, ent, ratio, kl = tok.unbind(0)
@@ -935,7 +965,7 @@ def _launch_rows(z, sb, st, TR, grad, gsb, gst, tgt, N, V, est, *, adv, adv_scal
     on_ref, on_mask = _codes(est.online)
     off_ref, off_mask = _codes(est.offline)
     kl_est = _KL[est.kl_estimator] if ref is not None else 0
-    meta = dict(V=V, CHUNK=chunk, K=K, KP=triton.next_power_of_2(K), WRITE_GRAD=write_grad,
+    meta = dict(V=V, CHUNK=chunk, K=K, KP=_pow2(K), WRITE_GRAD=write_grad,
                 ON_REF=on_ref, ON_MASK=on_mask, OFF_REF=off_ref, OFF_MASK=off_mask, ON_A1=a_one[0], OFF_A1=a_one[1],
                 HAS_ADV=adv is not None, HAS_OLD=old is not None, DUAL=est.dual_clip is not None, KL_EST=kl_est,
                 KL_ON=est.kl_coef != 0, HAS_ENT=est.entropy_coef != 0, num_warps=warps)
@@ -948,22 +978,22 @@ def _launch_rows(z, sb, st, TR, grad, gsb, gst, tgt, N, V, est, *, adv, adv_scal
     if _single_launch_ok(dev):
         key = (dev.index, z.dtype, grad.dtype if write_grad else None, tuple(sorted(meta.items())))
         per_sm = _OCCUPANCY.get(key, 1)  # first call: one program per SM always fits; then the measured occupancy
-        from triton.runtime import driver  # noqa: PLC0415
-        n_sm = driver.active.utils.get_device_properties(dev.index)["multiprocessor_count"]
-        G = min((n_sm * per_sm) // K, N)
+        G = min((_sm_count(dev) * per_sm) // K, N)
         if G >= 1:
             cnt = arrivals if arrivals is not None else torch.zeros(N, dtype=torch.int32, device=dev)
-            ck = _fused_kernel[(G * K,)](*args[:-1], ws, cnt, N, triton.cdiv(N, G), *scal, PHASE=0, **meta)
+            ck = _fused_kernel[(G * K,)](*args[:-1], ws, cnt, N, -(-N // G), *scal, PHASE=0, **meta)
             if key not in _OCCUPANCY:
                 try:
                     _OCCUPANCY[key] = _programs_per_sm(ck, warps)
-                except Exception:  # noqa: BLE001  (no resource report: one program per SM, always resident)
+                    KERNEL_INFO[(chunk, warps)] = (ck.n_regs, ck.n_spills, _OCCUPANCY[key])
+                except Exception as e:  # noqa: BLE001  (no resource report: one program per SM, always resident)
                     _OCCUPANCY[key] = 1
+                    KERNEL_INFO[(chunk, warps)] = f"no resource report ({type(e).__name__}: {e}); 1 program per SM"
             return ell, logp, ent, ratio, kl, flags
-    G = min(N, 64)
+    G = N if dev.type == "cuda" else min(N, 64)  # (no co-residency needed: one program per chunk on a GPU)
     cnt = torch.empty(1, dtype=torch.int32, device=dev)  # (unused by PHASE 1/2)
     for phase in (1, 2):
-        _fused_kernel[(G * K,)](*args[:-1], ws, cnt, N, triton.cdiv(N, G), *scal, PHASE=phase, **meta)
+        _fused_kernel[(G * K,)](*args[:-1], ws, cnt, N, -(-N // G), *scal, PHASE=phase, **meta)
     return ell, logp, ent, ratio, kl, flags
 
 
@@ -1054,12 +1084,11 @@ def _rescale(buf: torch.Tensor, g: torch.Tensor, geom) -> None:
     if N == 0:
         return
     if buf.is_cuda:
-        from triton.runtime import driver  # noqa: PLC0415
-        progs = min(N, 4 * driver.active.utils.get_device_properties(buf.device.index)["multiprocessor_count"])
+        progs = min(N, 4 * _sm_count(buf.device))
     else:
         progs = min(N, 4)
     _rescale_kernel[(progs,)](buf, sb, st, TR, N, g.float().reshape(1), V=V,
-                              BLOCK=min(4096, triton.next_power_of_2(V)), num_warps=8)
+                              BLOCK=min(4096, _pow2(V)), num_warps=8)
 
 
 class _Result:
