@@ -42,8 +42,8 @@ QUICK_SIZES = [(2, 16, 1031), (2, 64, 1031)]
 METHODS = ("copy", "liger", "fastupg-fused", "fastupg-fused-deferred", "fastupg-logprobs", "eager", "torch.compile",
            "fastupg-fused-inplace")  # (in-place last: it overwrites the shared logits buffer)
 # (chunk, warps, one launch): the last entries time the two-launch form (3 x N x V bytes, no inter-program sync)
-TUNE = [(2048, 2, True), (4096, 2, True), (4096, 4, True), (8192, 4, True), (8192, 8, True), (16384, 8, True),
-        (16384, 16, True), (4096, 4, False), (8192, 8, False)]
+TUNE = [(1024, 1, True), (2048, 1, True), (2048, 2, True), (4096, 2, True), (4096, 4, True), (8192, 4, True),
+        (4096, 4, False)]
 
 
 class _Alias(torch.autograd.Function):

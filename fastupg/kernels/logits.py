@@ -393,8 +393,8 @@ def _fused_kernel(logits_ptr, sb, st, TR, grad_ptr, gsb, gst,
                 errs |= tl.where(_nonfinite(rl), E_REF, 0)
             if (info & 1) != 0:
                 is_off = (info & 2) != 0
-                x = xq.to(tl.float32) * inv_t
                 if PHASE != 2:
+                    x = xq.to(tl.float32) * inv_t
                     mc = tl.maximum(tl.max(x, 0), _NEG)
                     e = tl.exp(x - mc)
                     tl.store(wsr + c * 4, mc)
@@ -408,9 +408,6 @@ def _fused_kernel(logits_ptr, sb, st, TR, grad_ptr, gsb, gst,
                     while n < K:
                         n = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
                 if PHASE != 1:
-                    if PHASE == 2:
-                        mc = tl.load(wsr + c * 4)
-                        e = tl.exp(x - mc)
                     pm = tl.load(wsr + kk * 4, mask=kk < K, other=_NEG, cache_modifier=".cg")
                     ps = tl.load(wsr + kk * 4 + 1, mask=kk < K, other=0.0, cache_modifier=".cg")
                     psx = tl.load(wsr + kk * 4 + 2, mask=kk < K, other=0.0, cache_modifier=".cg")
@@ -458,10 +455,14 @@ def _fused_kernel(logits_ptr, sb, st, TR, grad_ptr, gsb, gst,
                     if WRITE_GRAD:
                         scale = tl.load(scale_ptr + row)
                         c_l = scale * d
-                        p = e * tl.exp(mc - lse)
+                        # x again from the chunk's raw values (held in their 2-byte dtype across the meeting point:
+                        # fp32 copies held there would halve the programs that fit on an SM); `+ 0 * M` keeps the
+                        # compiler from reusing (and so keeping alive) the first pass's fp32 values
+                        x2 = xq.to(tl.float32) * (inv_t + 0.0 * M)
+                        p = tl.exp(x2 - lse)
                         g = -c_l * p
                         if HAS_ENT:
-                            g += scale * ent_coef * p * tl.where(p > 0, x - lse + H, 0.0)
+                            g += scale * ent_coef * p * tl.where(p > 0, x2 - lse + H, 0.0)
                         g = tl.where(offs == tgt, g + c_l, g) * inv_t
                         tl.store(grow + offs, g.to(grad_ptr.dtype.element_ty), mask=valid,
                                  eviction_policy="evict_first")
