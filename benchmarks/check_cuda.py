@@ -20,6 +20,7 @@ import torch  # noqa: E402
 
 from fastupg.estimator import PRESETS, Estimator  # noqa: E402
 from fastupg.kernels import (fused_linear_policy_loss, fused_policy_loss, token_logprobs)  # noqa: E402
+from fastupg.kernels.logits import SPLIT  # noqa: E402
 from fastupg.kernels.torch_reference import fused_policy_loss_ref, token_logprobs_ref  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -94,10 +95,10 @@ def check_logits_ops(dev, V=151936, B=2, T=192, large=True):
             variants = [("", {})]
             if name in ("grpo", "hpt", "luffy"):  # (each variant compiles its own kernels: a few presets)
                 variants += [("+deferred", dict(check="deferred")), ("+inplace", dict(inplace_backward=True)),
-                             ("+2launch", dict(_two=True))]
+                             ("+1launch" if not SPLIT["one_launch"] else "+2launch", dict(_flip=True))]
+            default_one = SPLIT["one_launch"]
             for tag, extra in variants:
-                two = extra.pop("_two", False)
-                os.environ["FASTUPG_LOGITS_TWO_PASS"] = "1" if two else "0"
+                SPLIT["one_launch"] = (not default_one) if extra.pop("_flip", False) else default_one
                 leaf = logits.clone().requires_grad_()
                 z = _alias(leaf) if extra.get("inplace_backward") else leaf
                 loss, met = fused_policy_loss(z, targets, est, temperature=TEMP, **kw, **extra)
@@ -107,7 +108,7 @@ def check_logits_ops(dev, V=151936, B=2, T=192, large=True):
                                       for k in met_r)
                 report("fused_policy_loss" + tag, name, dtype, errs, TOL[dtype])
                 del z, leaf
-            os.environ["FASTUPG_LOGITS_TWO_PASS"] = "0"
+            SPLIT["one_launch"] = default_one
             from fastupg.kernels.logits import raise_deferred_checks  # noqa: PLC0415
             raise_deferred_checks()
             del zr, logits

@@ -632,8 +632,10 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        z, t, lse, ent = ctx.saved_tensors
         shape, temperature, inplace, block_v = ctx.meta
+        if inplace and getattr(ctx, "overwritten", False):
+            raise RuntimeError(_SECOND_BACKWARD)
+        z, t, lse, ent = ctx.saved_tensors
         N, V = z.shape
         g_logp = torch.zeros(N, device=z.device) if g_logp is None else g_logp.reshape(-1).float().contiguous()
         g_ent = torch.zeros(N, device=z.device) if g_ent is None else g_ent.reshape(-1).float().contiguous()
@@ -642,6 +644,7 @@ class _TokenLogprobs(torch.autograd.Function):
             _logprobs_bwd[(N,)](z, z.stride(0), grad, grad.stride(0), t, lse, ent, g_logp, g_ent, 1.0 / temperature,
                                 V=V, **_launch("grad", V, block_v))
         if inplace:
+            ctx.overwritten = True
             # the logits now hold their gradient: tell autograd (any other saved use of them, or a second backward
             # through this node, raises "modified by an inplace operation") and our own ops (they refuse them)
             torch.autograd.graph.increment_version(z)
@@ -665,6 +668,9 @@ class _TokenLogprobsInplaceRef(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
+        if getattr(ctx, "overwritten", False):
+            raise RuntimeError(_SECOND_BACKWARD)
+        ctx.overwritten = True
         z, t = ctx.saved_tensors
         with torch.enable_grad():
             zl = z.detach().requires_grad_()
@@ -706,6 +712,9 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 # ------------------------------------------------------------------------------------------------------------------
 _OVERWRITTEN = ("logits were overwritten with their gradient by an earlier {op}(..., inplace_backward=True) call: "
                 "compute everything that reads these logits before that call, or pass inplace_backward=False")
+_SECOND_BACKWARD = ("token_logprobs(..., inplace_backward=True): a second backward through the same graph, but the "
+                    "first one overwrote the logits with their gradient (modified by an inplace operation); pass "
+                    "inplace_backward=False to backward twice")
 _USED_AFTER = ("the logits were used after fused_policy_loss(..., inplace_backward=True) overwrote them with their "
                "gradient: compute everything that reads the logits before that call, or pass inplace_backward=False")
 
@@ -898,9 +907,13 @@ def _flat_arg(name, t, shape, device, kind=None):
 # ------------------------------------------------------------------------------------------------------------------
 # launch geometry
 # ------------------------------------------------------------------------------------------------------------------
-# The fused kernel: vocabulary chunk held in registers per program, warps per program (benchmarks/bench_logits.py
-# --tune sweeps them; FASTUPG_LOGITS_SPLIT="chunk,warps" overrides).
-SPLIT = dict(chunk=8192, warps=8, one_launch=True)  # one_launch=False: PHASE 1 + 2 on the GPU too (3 x N x V bytes)
+# The fused kernel: vocabulary chunk per program, warps per program, and one launch (PHASE 0: logits read once, the
+# programs of a row meet through the workspace) or two (PHASE 1 + 2: logits read twice, no meeting). Measured on an
+# H100 (benchmarks/RESULTS.md, `bench_logits.py --tune`): the one-launch form needs 168-252 registers per thread, so
+# only 1-9 programs fit on an SM, too few bytes in flight to hide the meeting; it took 3.6-6.0 ms at 8k tokens
+# against 2.84 ms for two launches of 1024-logit chunks with one warp. So two launches are the default; one_launch=True
+# stays available (checked on the GPU by check_cuda.py). FASTUPG_LOGITS_SPLIT="chunk,warps" overrides chunk/warps.
+SPLIT = dict(chunk=1024, warps=1, one_launch=False)
 _OCCUPANCY: dict = {}  # compiled-kernel key -> programs per SM that fit at once (from its registers/shared memory)
 KERNEL_INFO: dict = {}  # (chunk, warps) -> (registers per thread, spills, programs per SM): printed by the benchmark
 
