@@ -8,12 +8,13 @@ Two public ops, each an autograd Function (kernels and Function in one file, as 
       dz_j = [ g_l (onehot_j - p_j) - g_H p_j (log p_j + H) ] / T.
 * `fused_policy_loss(logits, targets, estimator, *, advantages, old_logp, mask, offline, seq_ids, weight, ref_logp,
   temperature, agg, inplace_backward, check)` -> (loss, metrics)
-  fused-loss layer for token-level estimators, three launches and no host sync (unless check="sync"):
+  fused-loss layer for token-level estimators, no host sync (unless check="sync"):
     1. `_prep_kernel` (one program): aggregation weights s_t * coef * w_t, row flags, data checks (O(N));
-    2. `_fused_kernel`: each row is split in vocabulary chunks held in registers by the programs of one row; they
-       combine their partial log-sum-exps through a small workspace and write the gradient of their chunk, so the
-       logits are read ONCE and the gradient written once (2 x N x V bytes, against 3 x for a forward kernel plus a
-       backward kernel); per-token loss, log-prob, entropy, ratio, KL and clip flags come out of the same launch;
+    2. `_fused_kernel`: each row is split in vocabulary chunks; the programs of a row write partial log-sum-exps to
+       a small workspace, combine them, and write the gradient of their chunk; per-token loss, log-prob, entropy,
+       ratio, KL and clip flags come out of it too. Two launches by default (PHASE 1 stats, PHASE 2 combine +
+       gradient: logits read twice); SPLIT["one_launch"] keeps each chunk in registers across a meeting of the row's
+       programs instead (logits read once), measured slower on an H100 (see SPLIT);
     3. `_finalize_kernel` (one program): the loss (float64 sum) and every metric of `fastupg.policy_loss`.
   Backward hands the saved gradient out (times the upstream gradient, see _FusedPolicyLoss).
   Sequence-level estimators (GSPO) go through `token_logprobs` + `fastupg.policy_loss`.
@@ -909,7 +910,7 @@ def _flat_arg(name, t, shape, device, kind=None):
 # ------------------------------------------------------------------------------------------------------------------
 # The fused kernel: vocabulary chunk per program, warps per program, and one launch (PHASE 0: logits read once, the
 # programs of a row meet through the workspace) or two (PHASE 1 + 2: logits read twice, no meeting). Measured on an
-# H100 (benchmarks/RESULTS.md, `bench_logits.py --tune`): the one-launch form needs 168-252 registers per thread, so
+# H100 (benchmarks/RESULTS.md, `bench_logits.py --tune`): the one-launch form needs 127-252 registers per thread, so
 # only 1-9 programs fit on an SM, too few bytes in flight to hide the meeting; it took 3.6-6.0 ms at 8k tokens
 # against 2.84 ms for two launches of 1024-logit chunks with one warp. So two launches are the default; one_launch=True
 # stays available (checked on the GPU by check_cuda.py). FASTUPG_LOGITS_SPLIT="chunk,warps" overrides chunk/warps.
@@ -1194,7 +1195,7 @@ def fused_policy_loss(logits: torch.Tensor, targets: torch.Tensor, estimator: Es
     refused. check="sync" (default) raises bad data (targets out of range, nan advantages, ...) before returning, at
     the cost of one host sync; "deferred" queues the check without a sync and raises at a later fastupg call or at
     `raise_deferred_checks()`; "off" skips reading it. An all-masked batch gives a zero loss with a zero gradient.
-    On the GPU: three launches (prep, fused loss+gradient, metrics), no host sync unless check="sync".
+    On the GPU: four launches (prep, loss+gradient x 2, metrics), no host sync unless check="sync".
     """
     est = resolve_estimator(estimator)
     if check not in CHECK_MODES:
