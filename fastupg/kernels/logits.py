@@ -1018,7 +1018,8 @@ def loss_and_grad_rows(logits2d: torch.Tensor, targets1d: torch.Tensor, estimato
     """Row-level building block: per-token loss ell_t, log-prob, entropy, and grad = d(sum_t scale_t ell_t)/d logits.
 
     `x` is the dict of `fastupg.estimator.prepare_inputs` for these rows plus key `scale` (s_t * w_t, float32); its
-    advantages are used as given (the A = 1 rule of 'one' branches is fastupg.estimator's business here).
+    advantages are used as given (the A = 1 rule of 'one' branches is fastupg.estimator's business here; x["adv"]
+    None means A = 1 everywhere).
     Rows with x["mask"] false (or, without a mask, scale 0) get a zero gradient and zero outputs.
     grad is written into `grad_out` when given (it may be `logits2d` itself). Returns (ell, logp, entropy, grad, aux)
     with aux = (flags (M, 3): clip low/high/dual, ratio (M,)). The non-finite-logits check is appended to `checks`
@@ -1038,7 +1039,7 @@ def loss_and_grad_rows(logits2d: torch.Tensor, targets1d: torch.Tensor, estimato
     f = lambda v: None if v is None else v.to(device=dev, dtype=torch.float32).contiguous()  # noqa: E731
     ref = x.get("ref") if estimator.kl_coef != 0 else None
     ell, logp, ent, ratio, _, flags = _launch_rows(
-        z, z.stride(0), 0, 1, grad, grad.stride(0), 0, t, M, V, estimator, adv=f(x["adv"]), adv_scalar=0.0,
+        z, z.stride(0), 0, 1, grad, grad.stride(0), 0, t, M, V, estimator, adv=f(x["adv"]), adv_scalar=1.0,
         old=f(x["old"]), ref=f(ref), scale=scale, info=info, temperature=temperature, write_grad=True,
         a_one=(False, False), block_v=block_v)
     check = ((flags & E_LOGITS.value) != 0).any(), "logits contain non-finite values (nan/inf) (or the target " \
