@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from fastupg.estimator import PRESETS, Estimator  # noqa: E402
 from fastupg.kernels import (fused_linear_logprobs, fused_linear_policy_loss, fused_policy_loss,  # noqa: E402
                              token_logprobs)
+from fastupg.kernels.logits import SPLIT  # noqa: E402
 from fastupg.kernels.torch_reference import fused_policy_loss_ref, token_logprobs_ref  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -65,7 +66,7 @@ def loss_err(loss, ref, kw):
     return abs(loss.item() - ref.item()) / size
 
 
-def check_logits_ops(dev, V=151936, B=2, T=192):
+def check_logits_ops(dev, V=151936, B=2, T=192, large=True):
     g = torch.Generator(device=dev).manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         logits = (torch.randn(B, T, V, generator=g, device=dev) * 3).to(dtype)
@@ -81,21 +82,124 @@ def check_logits_ops(dev, V=151936, B=2, T=192):
                TOL[dtype])
         del z, zr, logits
         for name in sorted(PRESETS):
-            est = Estimator.preset(name)
+            est = Estimator.preset(name, entropy_coef=0.01)
             if est.agg.endswith("token-sum-norm"):
-                est = Estimator.preset(name, agg_norm=float(T))
+                est = Estimator.preset(name, entropy_coef=0.01, agg_norm=float(T))
             logits, targets, kw = batch(est, B, T, V, dev, g)
             logits = logits.to(dtype)
+            logits[~kw["mask"]] = float("nan")  # masked rows are never read: nan there changes nothing
+            if est.sequence_level:
+                logits = torch.nan_to_num(logits, nan=0.0)  # (GSPO goes through token_logprobs: every row read)
             zr = logits.double().requires_grad_()
-            loss_r, _ = fused_policy_loss_ref(zr, targets, est, temperature=TEMP, **kw)
+            loss_r, met_r = fused_policy_loss_ref(zr, targets, est, temperature=TEMP, **kw)
             loss_r.backward()
-            z = logits.clone().requires_grad_()
-            loss, _ = fused_policy_loss(z, targets, est, temperature=TEMP, **kw)
-            loss.backward()
-            report("fused_policy_loss", name, dtype, dict(loss=loss_err(loss, loss_r, kw), dz=rel(z.grad, zr.grad)),
-                   TOL[dtype])
-            del z, zr, logits
+            variants = [("", {})]
+            if name in ("grpo", "hpt", "luffy"):  # (each variant compiles its own kernels: a few presets)
+                variants += [("+deferred", dict(check="deferred")), ("+inplace", dict(inplace_backward=True)),
+                             ("+1launch" if not SPLIT["one_launch"] else "+2launch", dict(_flip=True))]
+            default_one = SPLIT["one_launch"]
+            for tag, extra in variants:
+                SPLIT["one_launch"] = (not default_one) if extra.pop("_flip", False) else default_one
+                leaf = logits.clone().requires_grad_()
+                z = _alias(leaf) if extra.get("inplace_backward") else leaf
+                loss, met = fused_policy_loss(z, targets, est, temperature=TEMP, **kw, **extra)
+                loss.backward()
+                errs = dict(loss=loss_err(loss, loss_r, kw), dz=rel(leaf.grad, zr.grad))
+                errs["metrics"] = max(abs(float(met[k]) - float(met_r[k])) / max(1.0, abs(float(met_r[k])))
+                                      for k in met_r)
+                report("fused_policy_loss" + tag, name, dtype, errs, TOL[dtype])
+                del z, leaf
+            SPLIT["one_launch"] = default_one
+            from fastupg.kernels.logits import raise_deferred_checks  # noqa: PLC0415
+            raise_deferred_checks()
+            del zr, logits
             torch.cuda.empty_cache()
+    if large:
+        check_logits_large(dev)
+
+
+class _Alias(torch.autograd.Function):
+    """A non-leaf alias of a leaf (what lm_head hands a loss), so inplace_backward=True is allowed."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+_alias = _Alias.apply
+
+
+def check_logits_large(dev, V=151936, B=4, T=8192, rows_per_block=1024, min_elems=2 ** 31):
+    """N x V > 2^31 (32k tokens x 151936 = 4.98e9 logits) through both logits ops, fp32 and bf16, against a float64
+    oracle built block of rows by block of rows: every token's log-prob and entropy, the loss and the metrics, and the
+    gradient of selected rows on both sides of the 2^31-element boundary (row 14134 is the first past it) and at
+    the end. The oracle's row gradient is the chain rule in float64: dL/dl_t (onehot - p) / T - dL/dH_t p (log p + H)
+    / T, with dL/dl_t and dL/dH_t from fastupg.policy_loss's autograd on float64 log-probs and entropies."""
+    from fastupg import policy_loss  # noqa: PLC0415
+    N = B * T
+    assert N * V > min_elems
+    g = torch.Generator(device=dev).manual_seed(5)
+    est = Estimator.preset("grpo", entropy_coef=0.01)
+    first_past = 2 ** 31 // V + 1
+    rows = torch.tensor([0, 1, first_past - 2, first_past - 1, first_past, first_past + 1, N // 2, N - 2, N - 1],
+                        device=dev)
+    rows = torch.unique(rows[rows < N])
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(B, T, V, generator=g, device=dev) * 3).to(dtype)
+        y = torch.randint(0, V, (B, T), generator=g, device=dev)
+        lp64 = torch.empty(N, dtype=torch.float64, device=dev)
+        en64 = torch.empty(N, dtype=torch.float64, device=dev)
+        zf, yf = logits.view(N, V), y.view(N)
+        for i in range(0, N, rows_per_block):
+            lq = torch.log_softmax(zf[i:i + rows_per_block].double() / TEMP, -1)
+            lp64[i:i + rows_per_block] = lq.gather(1, yf[i:i + rows_per_block, None])[:, 0]
+            en64[i:i + rows_per_block] = -(lq.exp() * lq).sum(-1)
+            del lq
+        adv = torch.randn(B, T, generator=g, device=dev)
+        old = (lp64.view(B, T) + 0.5 * torch.randn(B, T, generator=g, device=dev, dtype=torch.float64)).float()
+        mask = torch.rand(B, T, generator=g, device=dev) > 0.1
+        mask.view(-1)[rows] = True
+        kw = dict(advantages=adv, old_logp=old, mask=mask)
+        l_leaf, h_leaf = lp64.clone().view(B, T).requires_grad_(), en64.clone().view(B, T).requires_grad_()
+        loss_r, met_r = policy_loss(l_leaf, est, entropy=h_leaf, **kw)
+        loss_r.backward()
+        dl, dh = l_leaf.grad.view(N), h_leaf.grad.view(N)
+
+        def grad_rows(coef_l, coef_h):
+            zr = zf[rows].double() / TEMP
+            lq = torch.log_softmax(zr, -1)
+            p = lq.exp()
+            H = -(p * lq).sum(-1, keepdim=True)
+            onehot = torch.zeros_like(p).scatter_(1, yf[rows, None], 1.0)
+            return (coef_l[rows, None] * (onehot - p) - coef_h[rows, None] * p * (lq + H)) / TEMP
+
+        z = logits.requires_grad_()
+        loss, met = fused_policy_loss(z, y, est, temperature=TEMP, **kw)
+        loss.backward()
+        # clip fractions: a token whose ratio sits on a clip bound may flip with fp32 rounding of its log-prob;
+        # at 32k tokens one flip moves a fraction by 3e-5, so they are compared in tokens (at most 3 flips)
+        n_on = float(met_r["tokens/online"])
+        flips = max(abs(float(met[k]) - float(met_r[k])) * n_on for k in met_r if k.startswith("clip_ratio"))
+        errs = dict(loss=loss_err(loss, loss_r, kw), dz_rows=rel(z.grad.view(N, V)[rows], grad_rows(dl, dh)),
+                    metrics=max(abs(float(met[k]) - float(met_r[k])) / max(1.0, abs(float(met_r[k])))
+                                for k in met_r if not k.startswith("clip_ratio")),
+                    clip_flips_over_3=max(0.0, flips - 3.0))
+        report("fused_policy_loss_large", f"N={N}", dtype, errs, TOL[dtype])
+        z.grad = None
+        torch.cuda.empty_cache()
+        gl = torch.randn(N, generator=g, device=dev, dtype=torch.float64)
+        ge = torch.randn(N, generator=g, device=dev, dtype=torch.float64)
+        lp, en = token_logprobs(z, y, TEMP, return_entropy=True)
+        (lp.view(N) * gl + en.view(N) * ge).sum().backward()
+        report("token_logprobs_large", f"N={N}", dtype,
+               dict(logp=rel(lp.detach().view(N), lp64), ent=rel(en.detach().view(N), en64),
+                    dz_rows=rel(z.grad.view(N, V)[rows], grad_rows(gl, ge))), TOL[dtype])
+        del z, logits, lp, en
+        torch.cuda.empty_cache()
 
 
 def check_fused_linear(dev, V=151936, D=1536, B=4, T=256):
@@ -193,7 +297,7 @@ def main():
     import argparse  # noqa: PLC0415
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--part", choices=["all", "logits", "fused_linear"], default="all")
-    ap.add_argument("--no-large", action="store_true", help="skip the N x V > 2^31 fused-linear check (~1 min)")
+    ap.add_argument("--no-large", action="store_true", help="skip the N x V > 2^31 checks (logits and fused-linear, ~1 min each)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("check_cuda.py needs a CUDA GPU (the test suite covers the CPU interpreter)")
@@ -202,7 +306,7 @@ def main():
     import triton  # noqa: PLC0415
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
     if a.part in ("all", "logits"):
-        check_logits_ops(dev)
+        check_logits_ops(dev, large=not a.no_large)
     if a.part in ("all", "fused_linear"):
         check_fused_linear(dev)
         if not a.no_large:

@@ -10,7 +10,7 @@ Fused-loss layer (one launch: log-probs, ratios, masks, per-token loss AND gradi
 Triton runs on CUDA tensors or under TRITON_INTERPRET=1; plain-PyTorch references run otherwise.
 """
 from fastupg.kernels.fused_linear import fused_linear_logprobs, fused_linear_policy_loss
-from fastupg.kernels.logits import fused_policy_loss, loss_and_grad_rows, token_logprobs
+from fastupg.kernels.logits import fused_policy_loss, loss_and_grad_rows, raise_deferred_checks, token_logprobs
 
-__all__ = ["token_logprobs", "fused_policy_loss", "loss_and_grad_rows", "fused_linear_logprobs",
+__all__ = ["token_logprobs", "fused_policy_loss", "loss_and_grad_rows", "raise_deferred_checks", "fused_linear_logprobs",
            "fused_linear_policy_loss"]

@@ -26,9 +26,21 @@ def token_logprobs_ref(logits: torch.Tensor, targets: torch.Tensor, temperature:
     return logp, ent
 
 
-def fused_policy_loss_ref(logits: torch.Tensor, targets: torch.Tensor, estimator: Estimator, *, advantages=None,
+def fused_policy_loss_ref(logits: torch.Tensor, targets: torch.Tensor, estimator: Estimator | str, *, advantages=None,
                           old_logp=None, mask=None, offline=None, seq_ids=None, weight=None, ref_logp=None,
                           temperature: float = 1.0, agg: str | None = None):
+    """fused_policy_loss in plain PyTorch, with its semantics: preset names, the A = 1 rule of 'one' branches,
+    0/1 masks only, and (token-level estimators) masked rows not read: they give zero loss and zero gradient
+    whatever they hold."""
+    from fastupg.kernels.logits import (_flatten, check_mask_values, effective_advantages,  # noqa: PLC0415
+                                        resolve_estimator)
+    estimator = resolve_estimator(estimator)
+    _flatten(logits, targets, temperature)
+    check_mask_values(mask)
+    advantages = effective_advantages(estimator, advantages, targets.shape, offline, logits.device)
+    if mask is not None and isinstance(mask, torch.Tensor) and mask.shape == targets.shape \
+            and not estimator.sequence_level:
+        logits = torch.where((mask != 0)[..., None], logits, torch.zeros((), dtype=logits.dtype))
     logp, ent = token_logprobs_ref(logits, targets, temperature, return_entropy=True)
     return policy_loss(logp, estimator, advantages=advantages, old_logp=old_logp, mask=mask, offline=offline,
                        seq_ids=seq_ids, weight=weight, entropy=ent if estimator.entropy_coef != 0 else ent.detach(),

@@ -52,7 +52,6 @@ def _check(est, logits, targets, kw, tol, agg=None, inplace=False):
     if inplace:
         z = logits.clone().requires_grad_()
         src = z * 1  # non-leaf buffer the kernel may overwrite
-        src.retain_grad()
     loss, met = fused_policy_loss(src, targets, est, temperature=0.7, agg=agg, inplace_backward=inplace,
                                   block_v=SMALL, **kw)
     loss.backward()
@@ -87,7 +86,7 @@ def test_bf16(name):
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                                 "seq-mean-token-sum-norm", "token-sum"])
+                                 "seq-mean-token-sum-norm", "token-sum-norm", "token-sum"])
 def test_aggregation_modes(agg):
     est, logits, targets, kw = _batch("srft", seed=2)
     _check(est, logits, targets, kw, 1e-5, agg=agg)
@@ -162,3 +161,144 @@ def test_bad_inputs():
     z[0, 0, 3] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         fused_policy_loss(z, targets, est, block_v=SMALL, **kw)
+
+
+# -- issue 15 items 1 and 6, issue 13 item 1: each of these fails on the code before them ----------------------------
+def _plain_cpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the plain-PyTorch path
+
+
+def test_preset_name_or_type_error():
+    est, logits, targets, kw = _batch("grpo", seed=20, B=2, T=4, V=300)
+    a, _ = fused_policy_loss(logits, targets, "grpo", block_v=128, **kw)
+    b, _ = fused_policy_loss(logits, targets, est, block_v=128, **kw)
+    assert a.item() == b.item()
+    with pytest.raises(TypeError, match="estimator"):
+        fused_policy_loss(logits, targets, 3, **kw)
+
+
+@pytest.mark.parametrize("path", ["triton", "cpu"])
+def test_advantage_one_branch_uses_one_and_advantages_optional(path, monkeypatch):
+    """SFT tokens (advantage component 'one') use A = 1 whatever advantages= holds; sft needs no advantages=."""
+    if path == "cpu":
+        _plain_cpu(monkeypatch)
+    est, logits, targets, kw = _batch("hpt", seed=21, B=3, T=4, V=300)
+    kw["advantages"] = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))  # random on SFT rows too
+    from fastupg.estimator import policy_loss
+    lp = torch.log_softmax(logits.double() / 0.7, -1).gather(-1, targets[..., None])[..., 0]
+    a_eff = torch.where(kw["offline"], torch.ones_like(kw["advantages"]), kw["advantages"]).double()
+    want, _ = policy_loss(lp, est, **{**kw, "advantages": a_eff})
+    got, _ = fused_policy_loss(logits, targets, est, temperature=0.7, block_v=128, **kw)
+    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+    sft = Estimator.preset("sft")
+    m = kw["mask"]
+    got_sft, _ = fused_policy_loss(logits, targets, sft, mask=m, temperature=0.7, block_v=128)
+    want_sft, _ = policy_loss(lp, sft, advantages=torch.ones(3, 4, dtype=torch.float64), mask=m)
+    assert abs(got_sft.item() - want_sft.item()) <= 1e-5 * abs(want_sft.item())
+    with pytest.raises(ValueError, match="advantages= is required"):
+        fused_policy_loss(logits, targets, est, **{**kw, "advantages": None})
+
+
+@pytest.mark.parametrize("path", ["triton", "cpu"])
+def test_fractional_mask_refused(path, monkeypatch):
+    if path == "cpu":
+        _plain_cpu(monkeypatch)
+    est, logits, targets, kw = _batch("grpo", seed=22, B=2, T=4, V=300)
+    with pytest.raises(ValueError, match="mask must hold 0/1"):
+        fused_policy_loss(logits, targets, est, block_v=128, **{**kw, "mask": torch.full((2, 4), 0.5)})
+    ok, _ = fused_policy_loss(logits, targets, est, block_v=128, **{**kw, "mask": kw["mask"].float()})
+    ref, _ = fused_policy_loss(logits, targets, est, block_v=128, **kw)
+    assert ok.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_nan_logits_in_masked_row_same_on_cpu_and_triton(monkeypatch):
+    est, logits, targets, kw = _batch("grpo", seed=23, B=2, T=4, V=300)
+    kw["mask"][1, 2] = False
+    logits[1, 2] = float("nan")
+    out = {}
+    for path in ("triton", "cpu"):
+        monkeypatch.setenv("TRITON_INTERPRET", "1" if path == "triton" else "0")
+        z = logits.clone().requires_grad_()
+        loss, _ = fused_policy_loss(z, targets, est, block_v=128, **kw)
+        loss.backward()
+        assert torch.isfinite(loss) and bool(torch.isfinite(z.grad).all()) and bool((z.grad[1, 2] == 0).all())
+        out[path] = (loss.item(), z.grad)
+    assert out["triton"][0] == pytest.approx(out["cpu"][0], rel=1e-5)
+    assert _relerr(out["triton"][1], out["cpu"][1]) < 1e-5
+    kw["mask"][1, 2] = True  # a row that counts: both raise
+    for path in ("triton", "cpu"):
+        monkeypatch.setenv("TRITON_INTERPRET", "1" if path == "triton" else "0")
+        with pytest.raises(ValueError, match="non-finite"):
+            fused_policy_loss(logits, targets, est, block_v=128, **kw)
+
+
+def test_second_backward_with_retain_graph_is_right():
+    """The saved gradient is not left scaled: backward(retain_graph=True) twice, with g = 3 then g = 0.5."""
+    est, logits, targets, kw = _batch("dapo", seed=24, B=2, T=4, V=300)
+    zr = logits.double().requires_grad_()
+    loss_r, _ = fused_policy_loss_ref(zr, targets, est, **kw)
+    (g_ref,) = torch.autograd.grad(loss_r, zr)
+    z = logits.clone().requires_grad_()
+    loss, _ = fused_policy_loss(z, targets, est, block_v=128, **kw)
+    (3.0 * loss).backward(retain_graph=True)
+    assert _relerr(z.grad, 3.0 * g_ref) < 1e-5
+    z.grad = None
+    (3.0 * loss).backward(retain_graph=True)
+    assert _relerr(z.grad, 3.0 * g_ref) < 1e-5  # (the old code gave 9 x)
+    z.grad = None
+    (0.5 * loss).backward()
+    assert _relerr(z.grad, 0.5 * g_ref) < 1e-5
+
+
+@pytest.mark.parametrize("path", ["triton", "cpu"])
+def test_inplace_backward_is_visible_to_autograd(path, monkeypatch):
+    if path == "cpu":
+        _plain_cpu(monkeypatch)  # the flag is honoured there too (it was ignored)
+    from fastupg.kernels import token_logprobs
+    est, logits, targets, kw = _batch("grpo", seed=25, B=2, T=4, V=300)
+    zr = logits.double().requires_grad_()
+    loss_r, _ = fused_policy_loss_ref(zr, targets, est, **kw)
+    (g_ref,) = torch.autograd.grad(loss_r, zr)
+
+    # the README pattern: the logits are reused after the in-place call -> a clear error, not a wrong number
+    leaf = logits.clone().requires_grad_()
+    z = leaf * 1.0
+    loss, _ = fused_policy_loss(z, targets, est, block_v=128, inplace_backward=True, **kw)
+    assert _relerr(z.detach(), g_ref) < 1e-5  # the buffer now holds the gradient ...
+    with pytest.raises(ValueError, match="overwritten"):
+        token_logprobs(z, targets)  # ... and fastupg refuses to read it as logits
+    loss.backward()
+    assert _relerr(leaf.grad, g_ref) < 1e-5
+
+    # an earlier use that autograd saved: its backward would read the gradient -> autograd's own error
+    leaf = logits.clone().requires_grad_()
+    z = leaf * 1.0
+    aux = (z ** 2).mean()
+    loss, _ = fused_policy_loss(z, targets, est, block_v=128, inplace_backward=True, **kw)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + aux).backward()
+
+    # a later differentiable use of the overwritten logits -> error at backward
+    leaf = logits.clone().requires_grad_()
+    z = leaf * 1.0
+    loss, _ = fused_policy_loss(z, targets, est, block_v=128, inplace_backward=True, **kw)
+    with pytest.raises(RuntimeError, match="used after"):
+        (loss + (z ** 2).mean()).backward()
+
+    # a leaf that requires grad: refused
+    with pytest.raises(ValueError, match="leaf"):
+        fused_policy_loss(logits.clone().requires_grad_(), targets, est, inplace_backward=True, **kw)
+
+
+def test_deferred_checks_raise_later_without_a_sync():
+    from fastupg.kernels import raise_deferred_checks
+    est, logits, targets, kw = _batch("grpo", seed=26, B=2, T=4, V=300)
+    bad = targets.clone()
+    bad[0, 1] = 300
+    fused_policy_loss(logits, bad, est, check="deferred", block_v=128, **kw)  # no error yet: nothing read back
+    with pytest.raises(ValueError, match="targets must lie in"):
+        raise_deferred_checks()
+    fused_policy_loss(logits, bad, est, check="off", block_v=128, **kw)
+    raise_deferred_checks()  # "off": nothing queued
+    with pytest.raises(ValueError, match="check must be one of"):
+        fused_policy_loss(logits, targets, est, check="later", **kw)

@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from fastupg import PRESETS, Estimator, policy_loss  # noqa: E402
-from fastupg.kernels.logits import fused_policy_loss, token_logprobs  # noqa: E402
+from fastupg.kernels.logits import effective_advantages, fused_policy_loss, token_logprobs  # noqa: E402
 
 T = 0.7
 
@@ -40,6 +40,8 @@ def reference(z, t, est, **kw):
     lp = logq.gather(-1, t[..., None])[..., 0]
     ent = -(logq.exp() * logq).sum(-1)
     dkw = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
+    # a branch whose advantage component is 'one' (SFT) uses A = 1 on its tokens, whatever advantages= holds
+    dkw["advantages"] = effective_advantages(est, dkw.get("advantages"), t.shape, dkw.get("offline"), z.device)
     loss, m = policy_loss(lp, est, entropy=ent, **dkw)
     loss.backward()
     return loss.detach(), zd.grad, m
@@ -101,7 +103,7 @@ def test_bf16(name):
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                                 "seq-mean-token-sum-norm", "token-sum"])
+                                 "seq-mean-token-sum-norm", "token-sum-norm", "token-sum"])
 def test_aggregation_modes_and_dual_clip(agg):
     z, t, A, old, mask, ref = make(seed=11, spread=1.5)
     est = Estimator.preset("ppo", dual_clip=2.0, agg_norm=50.0)

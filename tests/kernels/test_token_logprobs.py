@@ -85,3 +85,27 @@ def test_cpu_fallback_without_interpreter(monkeypatch):
     y = torch.randint(0, 100, (4,))
     lp = token_logprobs(logits, y)  # reference path: float64 stays float64
     assert lp.dtype == torch.float64 and lp.requires_grad
+
+
+@pytest.mark.parametrize("path", ["triton", "cpu"])
+def test_inplace_backward_visible_to_autograd(path, monkeypatch):
+    """The in-place gradient write bumps the logits' version counter (a second backward, or any other saved use,
+    raises) and fastupg refuses the overwritten logits; honoured the same way on the plain-PyTorch path."""
+    if path == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 300, generator=g)
+    y = torch.randint(0, 300, (4,), generator=g)
+    zr = logits.double().requires_grad_()
+    (grad_ref,) = torch.autograd.grad(token_logprobs_ref(zr, y).sum(), zr)
+    leaf = logits.clone().requires_grad_()
+    z = leaf * 1.0
+    lp = token_logprobs(z, y, inplace_backward=True, block_v=128)
+    lp.sum().backward(retain_graph=True)
+    assert _relerr(leaf.grad, grad_ref) < 1e-5 and _relerr(z.detach(), grad_ref) < 1e-5
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        lp.sum().backward()
+    with pytest.raises(ValueError, match="overwritten"):
+        token_logprobs(z, y)
+    with pytest.raises(ValueError, match="leaf"):
+        token_logprobs(logits.clone().requires_grad_(), y, inplace_backward=True)

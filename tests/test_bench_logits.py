@@ -1,0 +1,47 @@
+"""The logits benchmark's --quick CPU mode (CI): it runs, writes JSON/table/PNG, its rows are sane; the
+pytest-benchmark suite runs on the quick sizes and its JSON feeds the same plotting script."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+
+def test_quick_mode_writes_json_table_and_plots(tmp_path):
+    import bench_logits as bl
+    rows = bl.main(["--quick", "--sizes", "2x8", "2x16", "--methods", "fastupg-fused", "eager", "liger",
+                    "--out", str(tmp_path)])
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {r["method"] for r in ok} == {"fastupg-fused", "eager"} and all(r["total_ms"] > 0 for r in ok)
+    assert {r["status"] for r in rows if r["method"] == "liger"} == {"not available here"}  # (GPU only)
+    doc = json.loads((tmp_path / "bench_logits.json").read_text())
+    assert {(b["extra_info"]["method"], b["extra_info"]["N"]) for b in doc["benchmarks"]} == \
+        {(m, n) for m in ("fastupg-fused", "eager") for n in (16, 32)}
+    assert (tmp_path / "bench_logits.txt").exists()
+    pngs = list(tmp_path.glob("*.png"))
+    assert len(pngs) == 1 and pngs[0].stat().st_size > 1000
+
+
+def test_cli_errors_exit_2(capsys):
+    import bench_logits as bl
+    with pytest.raises(SystemExit) as e:
+        bl.main(["--quick", "--sizes", "8by1024"])
+    assert e.value.code == 2 and "--sizes" in capsys.readouterr().err
+
+
+def test_pytest_benchmark_suite_json_plots(tmp_path):
+    pytest.importorskip("pytest_benchmark")
+    out = tmp_path / "out.json"
+    env = dict(os.environ, FASTUPG_BENCH_QUICK="1", PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        os.path.join(ROOT, "benchmarks", "test_bench_logits.py"), "-k", "2x8 and (eager or fused)",
+                        f"--benchmark-json={out}"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert {b["extra_info"]["method"] for b in doc["benchmarks"]} == {"fastupg-fused", "eager"}
+    from plot_bench import plot
+    assert plot(str(out), str(tmp_path / "png"))
