@@ -83,7 +83,7 @@ if want long && [ -f benchmarks/bench_long_context.py ]; then
   mkdir -p "$OUT_DIR/long_context"
   left=$(( 570 - ($(date +%s) - START) ))
   [ $left -gt 30 ] && step bench_long_context $left "$OUT_DIR/long_context/bench_long_context.txt" \
-    python3 benchmarks/bench_long_context.py --out "$OUT_DIR/long_context"
+    python3 benchmarks/bench_long_context.py --out "$OUT_DIR/long_context/long_context.json"
 fi
 echo "total $(( $(date +%s) - START ))s, correctness status $status" | tee -a "$OUT_DIR/summary.txt"
 exit $status
