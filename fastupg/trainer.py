@@ -637,7 +637,7 @@ class Trainer:
                       "completions/clipped_ratio": d("trunc_sum", "n_gen"),
                       "clip_ratio/low_mean": d("clip_low", "n_on"), "clip_ratio/high_mean": d("clip_high", "n_on"),
                       "frac_prompts_solved": d("P_solved", "n_prompts")})
-        if self.use_is_correction:  # TRL's names; means over the corrected (rollout) tokens
+        if self.use_is_correction and v["is_tokens"]:  # TRL's names; means over the trained rollout tokens
             m.update({"sampling/importance_sampling_ratio/mean": d("is_ratio_sum", "is_tokens"),
                       "sampling/importance_sampling_ratio/clipped_fraction": d("is_clipped", "is_tokens"),
                       "sampling/sampling_logp_difference/mean": d("is_logp_diff_sum", "is_tokens")})

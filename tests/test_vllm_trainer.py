@@ -179,8 +179,9 @@ def _fastupg(*argv, timeout=900):
 
 
 def test_demo_trains_three_steps_with_real_vllm(tmp_path):
-    """The demo recipe with rollout_engine=vllm and nothing engine-specific (the overrides only keep the
-    test's files in tmp and its held-out evaluation short)."""
+    """The demo recipe with rollout_engine=vllm and nothing engine-specific (the overrides keep the test's
+    files in tmp and its held-out evaluation short). The untrained model solves nothing, so HPT trains on
+    demonstrations only: no rollout token reaches the loss and no IS metric is logged."""
     out = tmp_path / "run"
     r = _fastupg("train", "--config", "configs/demo.yaml", "rollout_engine=vllm", "max_steps=3",
                  f"output_dir={out}", f"embedded_dir={EMB}", "eval_samples=16", "progress_bar=false",
@@ -190,13 +191,29 @@ def test_demo_trains_three_steps_with_real_vllm(tmp_path):
     steps = [m for m in rows if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3]
     for m in steps:
-        # vLLM's processed log-probs vs the trainer's recomputation, both fp32: the weights were synced
-        # in place after every update (stale weights would put the ratios far from 1)
+        assert m["completions/mean_length"] > 0 and 0 <= m["completions/clipped_ratio"] <= 1
+        assert m["hpt/sft_fraction"] == 1.0 and "sampling/importance_sampling_ratio/mean" not in m
+    assert any("eval/accuracy" in m for m in rows)
+    assert (out / "checkpoint-3").is_dir() or any(out.glob("checkpoint-*"))
+
+
+def test_grpo_with_real_vllm_is_ratio_one_after_each_sync(tmp_path):
+    """GRPO trains on the rollouts: the IS correction sees vLLM's processed log-probs against the trainer's
+    fp32 recomputation. Ratio ~1 and no clipping at step 2 too: the weights were synced in place after step 1
+    (stale weights would put the log-probs apart by far more than 1e-4)."""
+    out = tmp_path / "run"
+    r = _fastupg("train", "--config", "configs/demo.yaml", "rollout_engine=vllm", "loss_type=grpo", "max_steps=2",
+                 "per_device_train_batch_size=16", "learning_rate=3e-2", "warmup_steps=0", "eval_steps=0",
+                 "entropy_coef=0.01",   # a gradient even when every reward is 0 (untrained model): the weights move
+                 f"output_dir={out}", f"embedded_dir={EMB}", "progress_bar=false", "report_to=jsonl")
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in steps] == [1, 2]
+    for m in steps:
         assert m["sampling/importance_sampling_ratio/mean"] == pytest.approx(1.0, abs=1e-3)
         assert m["sampling/importance_sampling_ratio/clipped_fraction"] == 0
         assert m["sampling/sampling_logp_difference/mean"] < 1e-4
-        assert m["completions/mean_length"] > 0 and 0 <= m["completions/clipped_ratio"] <= 1
-    assert "eval/accuracy" in rows[-1] or any("eval/accuracy" in m for m in rows)
+    assert steps[0]["grad_norm"] > 0
 
 
 def test_eval_with_real_vllm_on_the_held_out_split(tmp_path):
