@@ -131,8 +131,8 @@ def _torch_dtype(name: str):
 
 
 def _check_positions(args, max_prompt_len: int) -> None:
-    """The longest prompt plus --max-new-tokens must fit the model's positions (both engines), checked before
-    any engine starts: vLLM would refuse that max_model_len, HF generate would run past the trained positions."""
+    """vLLM: the longest prompt plus --max-new-tokens must fit the model's positions, checked before the engine
+    starts (vLLM would refuse that max_model_len deep in its start-up). HF generate runs past them as before."""
     import os
 
     from .config import model_positions
@@ -160,6 +160,8 @@ def _make_engine(args, tokenizer, max_prompt_len: int):
         engine = "vllm" if (has_vllm and torch.cuda.is_available()) else "hf"
     if engine == "vllm":
         from .rollout.vllm import VLLMConfig, VLLMRolloutEngine
+
+        _check_positions(args, max_prompt_len)
 
         cfg = VLLMConfig(model=args.model, dtype=args.dtype,
                          tensor_parallel_size=args.tensor_parallel_size,
@@ -193,7 +195,6 @@ def run_eval(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     benches = _load_benchmarks(args, tokenizer)
     max_prompt_len = max(len(e.prompt_ids) for b in benches for e in b.examples)
-    _check_positions(args, max_prompt_len)
     engine, engine_name = _make_engine(args, tokenizer, max_prompt_len)
     batch = args.batch_size or (10**9 if engine_name == "vllm" else 8)
 
