@@ -150,9 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.command == "train":
-        from fastupg.config import load_config
+        from fastupg.config import fit_model_positions, load_config
         try:
-            cfg = load_config(args.config, args.overrides)
+            cfg = fit_model_positions(load_config(args.config, args.overrides), local_only=True)  # (its config.json)
             if not args.print_config:
                 preflight(cfg, config_given=args.config is not None)
         except (ValueError, TypeError) as e:

