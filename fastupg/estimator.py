@@ -373,6 +373,10 @@ def prepare_inputs(logp_shape, estimator: Estimator, *, advantages=None, old_log
         raise TypeError(f"seq_ids must be an integer tensor, got {seq_ids.dtype}")
     if weight is not None:
         checks.append(((weight < 0).any(), "weight must be >= 0 everywhere"))
+    if mask is not None and mask.dtype != torch.bool:
+        # a fractional mask would silently count as 1: per-token weights go through weight= (as in fused_policy_loss)
+        checks.append((((mask != 0) & (mask != 1)).any(), "mask must hold 0/1 (or bool) values: pass per-token "
+                       "weights as weight="))
 
     padded_len = shape[1] if len(shape) == 2 else None
     nseq = None

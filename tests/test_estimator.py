@@ -325,3 +325,18 @@ def test_fused_linear_paths_use_one_on_sft_tokens():
     for got in out[:2]:
         for a, b in zip(got, out[2]):
             torch.testing.assert_close(a, b)
+
+
+def test_fractional_mask_is_refused_not_rounded_to_one():
+    """policy_loss used to take mask=0.5 as 1 (issue 15 item 6); the logits API refuses it, and so does this path."""
+    import pytest
+    import torch
+    from fastupg import Estimator, policy_loss
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(2, 5, generator=g)
+    A = torch.randn(2, 5, generator=g)
+    with pytest.raises(ValueError, match="mask must hold 0/1"):
+        policy_loss(logp, Estimator.preset("grpo"), advantages=A, old_logp=logp.detach(), mask=torch.full((2, 5), 0.5))
+    ok, _ = policy_loss(logp, Estimator.preset("grpo"), advantages=A, old_logp=logp.detach(),
+                        mask=torch.ones(2, 5))  # a float 0/1 mask is still fine
+    assert torch.isfinite(ok)
