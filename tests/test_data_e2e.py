@@ -27,7 +27,9 @@ SCHEMAS = {
 
 
 def _args(tmp_path, name):
-    return [f"train_file={FIXTURES / name}", "model=embedded", "model_size=micro", f"embedded_dir={EMB}",
+    recipe = tmp_path / "recipe.yaml"   # `fastupg train` needs a recipe (--config); the overrides do the rest
+    recipe.write_text("loss_type: hpt\n")
+    return ["--config", str(recipe), f"train_file={FIXTURES / name}", "model=embedded", "model_size=micro", f"embedded_dir={EMB}",
             "loss_type=hpt", "num_generations=2", "per_device_train_batch_size=4", "max_completion_length=96",
             "max_steps=2", "learning_rate=1e-3", "report_to=none", "plot=false", "progress_bar=false",
             "save_steps=0", "num_threads=1", f"output_dir={tmp_path / 'run'}"]

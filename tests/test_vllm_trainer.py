@@ -225,7 +225,7 @@ def test_eval_with_real_vllm_on_the_held_out_split(tmp_path):
     model, data = emb / "model", emb / "data" / "eval.jsonl"
     too_long = _fastupg("eval", "--engine", "vllm", "--model", str(model), "--data", str(data), "--out",
                         str(tmp_path / "x"), "--limit", "4", "--no-progress")          # default 8192 new tokens
-    assert too_long.returncode != 0 and "exceeds the 512 positions" in too_long.stderr
+    assert too_long.returncode == 2 and "max_position_embeddings=512" in too_long.stderr
     r = _fastupg("eval", "--engine", "vllm", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "ev"),
                  "--limit", "12", "--k", "2", "--max-new-tokens", "24", "--system-prompt", "none", "--no-progress")
     assert r.returncode == 0, r.stderr[-3000:]
