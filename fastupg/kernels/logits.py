@@ -572,19 +572,7 @@ def _rescale_kernel(buf_ptr, sb, st, TR, N, g_ptr, V: tl.constexpr, BLOCK: tl.co
 def _flatten(logits: torch.Tensor, targets: torch.Tensor, temperature: float, checks: list | None = None):
     """Argument checks and (N, V) / (N,) views. The targets-range check is a data check: appended to `checks` when
     given (run later with the other checks in one host sync; the kernels clamp the index meanwhile), else run now."""
-    if not isinstance(logits, torch.Tensor) or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16,
-                                                                    torch.float64):
-        raise TypeError(f"logits must be a float32/bfloat16/float16 tensor, got {getattr(logits, 'dtype', logits)}")
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"logits must be (N, V) or (B, T, V), got shape {tuple(logits.shape)}")
-    if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32, torch.int16,
-                                                                      torch.uint8, torch.int8):
-        raise TypeError(f"targets must be an integer tensor, got {getattr(targets, 'dtype', type(targets))}")
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"targets has shape {tuple(targets.shape)}, expected {tuple(logits.shape[:-1])} "
-                         "(logits without the vocabulary dim)")
-    if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature != float("inf")):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    _check_logits_targets(logits, targets, temperature)
     V = logits.shape[-1]
     if targets.numel():
         now = checks is None

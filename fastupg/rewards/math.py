@@ -140,13 +140,19 @@ def extract_last_boxed(text: str) -> str | None:
     Returns None when there is no box or the last box's braces never balance. Linear time:
     one ``rfind`` per command and one forward scan.
     """
+    got = _last_box(text)
+    return got[1] if got else None
+
+
+def _last_box(text: str):
+    """(start of the last box command, its content) of `text`, or None (no box, or braces never balance)."""
     if not isinstance(text, str):
         raise TypeError(f"response must be str, got {type(text).__name__}")
     start, cmd_len = _last_box_command(text, len(text))
     if start < 0:
         return None
     got = _box_argument(text, start + cmd_len, len(text))
-    return got[0] if got else None
+    return None if got is None else (start, got[0])
 
 
 # Where the final sentence (or the final reasoning step) begins: `.`, `!` or `?` followed by
@@ -164,16 +170,11 @@ def extract_final_boxes(text: str, max_boxes: int = _MAX_FINAL_BOXES) -> list[st
     `max_boxes` boxes (the last ones) are returned. None when there is no box or the last box's
     braces never balance. Linear time: each earlier box is read only up to the group's start.
     """
-    if not isinstance(text, str):
-        raise TypeError(f"response must be str, got {type(text).__name__}")
-    start, cmd_len = _last_box_command(text, len(text))
-    if start < 0:
+    last = _last_box(text)
+    if last is None:
         return None
-    got = _box_argument(text, start + cmd_len, len(text))
-    if got is None:
-        return None
-    boxes = [got[0]]
-    group_start = start
+    group_start, first = last
+    boxes = [first]
     while len(boxes) < max_boxes:
         prev, cmd_len = _last_box_command(text, group_start)
         if prev < 0:
