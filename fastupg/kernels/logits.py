@@ -734,6 +734,15 @@ def _refuse_leaf(logits: torch.Tensor, inplace: bool) -> None:
                          "logits buffer; drop retain_grad() or pass inplace_backward=False")
 
 
+def _refuse_view(logits: torch.Tensor, inplace: bool) -> None:
+    """The fused loss returns the overwritten logits to autograd beside the loss (mark_dirty); autograd cannot do that
+    for a view of another tensor, such as a slice of model(...).logits, and would fail with an internal error."""
+    if inplace and logits.requires_grad and logits._base is not None:
+        raise ValueError("inplace_backward=True needs logits that are not a view of another tensor (a slice such as "
+                         "model(...).logits[:, p - 1:-1] is one): compute the completion positions' logits directly, "
+                         "e.g. model.lm_head(hidden[:, p - 1:-1]), or pass inplace_backward=False")
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # data checks: computed by the kernels into one int32 word, read back once ("sync"), later ("deferred") or never
 # ------------------------------------------------------------------------------------------------------------------
@@ -1198,6 +1207,7 @@ def fused_policy_loss(logits: torch.Tensor, targets: torch.Tensor, estimator: Es
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     inplace = bool(inplace_backward) and need_grad
     _refuse_leaf(logits, inplace)
+    _refuse_view(logits, inplace)
     if not use_triton(logits):
         return _fused_reference(logits, targets, est, kw, temperature, agg, inplace)
     raise_deferred_checks(wait=False)
