@@ -30,7 +30,7 @@ def test_quick_mode_writes_rows_json_and_plots(tmp_path):
 
 
 def test_pytest_benchmark_suite_json_plots(tmp_path):
-    pytest.importorskip("pytest_benchmark")
+    import pytest_benchmark  # noqa: F401  (installed by the README test command: missing must fail, not skip)
     out = tmp_path / "out.json"
     env = dict(os.environ, FASTUPG_BENCH_QUICK="1", PYTHONPATH=ROOT)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",

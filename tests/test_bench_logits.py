@@ -34,7 +34,7 @@ def test_cli_errors_exit_2(capsys):
 
 
 def test_pytest_benchmark_suite_json_plots(tmp_path):
-    pytest.importorskip("pytest_benchmark")
+    import pytest_benchmark  # noqa: F401  (installed by the README test command: missing must fail, not skip)
     out = tmp_path / "out.json"
     env = dict(os.environ, FASTUPG_BENCH_QUICK="1", PYTHONPATH=ROOT)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",

@@ -13,7 +13,7 @@ import types
 import pytest
 import torch
 
-trl = pytest.importorskip("trl")
+import trl
 from trl import GRPOTrainer  # noqa: E402
 
 from fastupg import policy_loss  # noqa: E402

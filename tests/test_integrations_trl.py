@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 
-trl = pytest.importorskip("trl")
-datasets = pytest.importorskip("datasets")
+import trl
+import datasets
 
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 

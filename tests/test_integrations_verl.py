@@ -8,7 +8,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
-core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
+import verl.trainer.ppo.core_algos as core_algos
 from verl.workers.config import ActorConfig  # noqa: E402
 
 from fastupg import Estimator  # noqa: E402

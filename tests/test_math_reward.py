@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-pytest.importorskip("math_verify")
+import math_verify  # noqa: F401  (installed by the README test command: missing must fail, not skip)
 
 from fastupg.rewards.math import (  # noqa: E402
     VerifierConfig,
