@@ -1212,11 +1212,10 @@ def fused_policy_loss(logits: torch.Tensor, targets: torch.Tensor, estimator: Es
         return _fused_reference(logits, targets, est, kw, temperature, agg, inplace)
     raise_deferred_checks(wait=False)
     if est.sequence_level:
-        check_mask_values(mask)
+        check_mask_values(mask)  # before token_logprobs may overwrite the logits (policy_loss would refuse it after)
         logp, ent = token_logprobs(logits, targets, temperature, return_entropy=True, inplace_backward=inplace,
                                    block_v=block_v)
-        from fastupg.estimator import policy_loss
-        kw["advantages"] = effective_advantages(est, advantages, targets.shape, offline, logits.device)
+        from fastupg.estimator import policy_loss  # (its prepare_inputs applies the A = 1 rule of 'one' branches)
         return policy_loss(logp, est, entropy=ent, agg=agg, **kw)
     a = _prepare_args(est, logits, targets, kw, agg)
     if inplace and logits.stride(-1) != 1:
@@ -1288,11 +1287,9 @@ def _fused_reference(logits, targets, est, kw, temperature, agg, inplace):
     if not inplace:
         return reference.fused_policy_loss_ref(logits, targets, est, temperature=temperature, agg=agg, **kw)
     if est.sequence_level:
-        check_mask_values(kw["mask"])
+        check_mask_values(kw["mask"])  # before the logits are overwritten
         logp, ent = token_logprobs(logits, targets, temperature, return_entropy=True, inplace_backward=True)
-        from fastupg.estimator import policy_loss
-        kw = dict(kw, advantages=effective_advantages(est, kw["advantages"], targets.shape, kw["offline"],
-                                                      logits.device))
+        from fastupg.estimator import policy_loss  # (its prepare_inputs applies the A = 1 rule)
         return policy_loss(logp, est, entropy=ent, agg=agg, **kw)
     state = {}
 

@@ -32,12 +32,10 @@ def fused_policy_loss_ref(logits: torch.Tensor, targets: torch.Tensor, estimator
     """fused_policy_loss in plain PyTorch, with its semantics: preset names, the A = 1 rule of 'one' branches,
     0/1 masks only, and (token-level estimators) masked rows not read: they give zero loss and zero gradient
     whatever they hold."""
-    from fastupg.kernels.logits import (_flatten, check_mask_values, effective_advantages,  # noqa: PLC0415
-                                        resolve_estimator)
+    from fastupg.kernels.logits import _flatten, resolve_estimator  # noqa: PLC0415
     estimator = resolve_estimator(estimator)
     _flatten(logits, targets, temperature)
-    check_mask_values(mask)
-    advantages = effective_advantages(estimator, advantages, targets.shape, offline, logits.device)
+    # (0/1 masks and the A = 1 rule of 'one' branches: policy_loss's prepare_inputs, shared by every path)
     if mask is not None and isinstance(mask, torch.Tensor) and mask.shape == targets.shape \
             and not estimator.sequence_level:
         logits = torch.where((mask != 0)[..., None], logits, torch.zeros((), dtype=logits.dtype))

@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from fastupg import PRESETS, Estimator, policy_loss  # noqa: E402
-from fastupg.kernels.logits import effective_advantages, fused_policy_loss, token_logprobs  # noqa: E402
+from fastupg.kernels.logits import fused_policy_loss, token_logprobs  # noqa: E402
 
 T = 0.7
 
@@ -40,8 +40,7 @@ def reference(z, t, est, **kw):
     lp = logq.gather(-1, t[..., None])[..., 0]
     ent = -(logq.exp() * logq).sum(-1)
     dkw = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
-    # a branch whose advantage component is 'one' (SFT) uses A = 1 on its tokens, whatever advantages= holds
-    dkw["advantages"] = effective_advantages(est, dkw.get("advantages"), t.shape, dkw.get("offline"), z.device)
+    # (a branch whose advantage component is 'one' (SFT) uses A = 1 on its tokens: policy_loss applies it itself)
     loss, m = policy_loss(lp, est, entropy=ent, **dkw)
     loss.backward()
     return loss.detach(), zd.grad, m
