@@ -32,20 +32,20 @@ def test_values_and_grads(dtype, tol, T):
 
 def test_logp_only_strided_and_inplace():
     g = torch.Generator().manual_seed(1)
-    base = torch.randn(20, 1100, generator=g)
+    base = torch.randn(20, 1100, generator=g) * 3
     logits = base[::2, :1000]  # non-contiguous rows, unit last stride
     y = torch.randint(0, 1000, (10,), generator=g)
     gl = torch.randn(10, generator=g)
     zr = logits.double().requires_grad_()
-    (token_logprobs_ref(zr, y) * gl).sum().backward()
+    (token_logprobs_ref(zr, y, 0.7) * gl).sum().backward()
     leaf = logits.clone().requires_grad_()
     buf = leaf * 1.0
-    (token_logprobs(buf, y, block_v=SMALL) * gl).sum().backward()
+    (token_logprobs(buf, y, 0.7, block_v=SMALL) * gl).sum().backward()
     assert _relerr(leaf.grad, zr.grad) < 1e-5
     leaf2 = base.clone().requires_grad_()
     view = (leaf2 * 1.0)[::2, :1000]
-    lp = token_logprobs(view, y, inplace_backward=True, block_v=SMALL)
-    assert _relerr(lp, token_logprobs_ref(logits.double(), y)) < 1e-5
+    lp = token_logprobs(view, y, 0.7, inplace_backward=True, block_v=SMALL)
+    assert _relerr(lp, token_logprobs_ref(logits.double(), y, 0.7)) < 1e-5
     (lp * gl).sum().backward()
     assert _relerr(leaf2.grad[::2, :1000], zr.grad) < 1e-5
     assert bool((leaf2.grad[1::2] == 0).all())
