@@ -48,3 +48,19 @@ def time_step(benchmark, step, cuda: bool, rounds: int) -> None:
             torch.cuda.synchronize()
     benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
     benchmark.extra_info["total_ms"] = benchmark.stats.stats.median * 1e3
+
+
+def run_suite_quick(suite: str, select: str, json_out) -> dict:
+    """Run the pytest-benchmark suite benchmarks/<suite> in quick mode (FASTUPG_BENCH_QUICK=1, tests chosen by
+    `pytest -k select`) in a fresh interpreter; returns its --benchmark-json document (CI checks of the suites)."""
+    import json
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, FASTUPG_BENCH_QUICK="1", PYTHONPATH=os.path.dirname(here))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(here, suite),
+                        "-k", select, f"--benchmark-json={json_out}"], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    with open(json_out) as f:
+        return json.load(f)
