@@ -109,3 +109,27 @@ def test_inplace_backward_visible_to_autograd(path, monkeypatch):
         token_logprobs(z, y)
     with pytest.raises(ValueError, match="leaf"):
         token_logprobs(logits.clone().requires_grad_(), y, inplace_backward=True)
+
+
+@pytest.mark.parametrize("impl", ["torch", "chunked"])
+def test_minus_inf_logits_give_finite_entropy_on_every_pytorch_path(impl, monkeypatch):
+    """log_softmax_stats, the one log-softmax reference, adds 0 (not 0 * -inf = nan) for a banned token (-inf
+    logit); the fused-linear PyTorch paths, which computed their own p log p before, now call it (a -inf bias entry
+    gave a nan entropy there)."""
+    from fastupg.kernels.fused_linear import fused_linear_logprobs
+    from fastupg.kernels.torch_reference import log_softmax_stats
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the chunked impl's PyTorch chunks
+    g = torch.Generator().manual_seed(4)
+    h, w = torch.randn(5, 8, generator=g, dtype=torch.float64), torch.randn(37, 8, generator=g, dtype=torch.float64)
+    bias = torch.zeros(37, dtype=torch.float64)
+    bias[[3, 20]] = float("-inf")
+    y = torch.randint(4, 20, (5,), generator=g)
+    z = (h @ w.t() + bias) / 0.7
+    keep = torch.isfinite(bias)
+    lq = torch.log_softmax(z[:, keep], -1)  # the same distribution without the banned tokens
+    want_ent = -(lq.exp() * lq).sum(-1)
+    want_lp = torch.log_softmax(z, -1).gather(-1, y[:, None])[:, 0]
+    lp, _, ent = log_softmax_stats(z, y, return_entropy=True)
+    assert _relerr(lp, want_lp) < 1e-12 and _relerr(ent, want_ent) < 1e-12
+    lp, ent = fused_linear_logprobs(h, w, y, 0.7, return_entropy=True, bias=bias, impl=impl)
+    assert _relerr(lp, want_lp) < 1e-12 and _relerr(ent, want_ent) < 1e-12
