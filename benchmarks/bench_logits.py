@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import fastupg  # noqa: E402
+from _bench_common import alias  # noqa: E402
 from fastupg.estimator import Estimator  # noqa: E402
 from fastupg.kernels import fused_policy_loss, token_logprobs  # noqa: E402
 from fastupg.kernels import logits as K  # noqa: E402
@@ -44,18 +45,6 @@ METHODS = ("copy", "liger", "fastupg-fused", "fastupg-fused-deferred", "fastupg-
 # (chunk, warps, one launch): the last entries time the two-launch form (3 x N x V bytes, no inter-program sync)
 TUNE = [(1024, 1, True), (2048, 1, True), (2048, 2, True), (4096, 2, True), (4096, 4, True), (8192, 4, True),
         (4096, 4, False)]
-
-
-class _Alias(torch.autograd.Function):
-    """A non-leaf alias of the logits (what lm_head hands a loss), so inplace_backward=True is allowed."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.detach()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
 
 
 class Problem:
@@ -98,7 +87,7 @@ def make_step(method: str, p: Problem, compiled=None):
         inplace = method == "fastupg-fused-inplace"
 
         def step():
-            z = _Alias.apply(p.logits.detach().requires_grad_()) if inplace else p.logits.detach().requires_grad_()
+            z = alias(p.logits.detach().requires_grad_()) if inplace else p.logits.detach().requires_grad_()
             fused_policy_loss(z, p.y, p.est, check=check, inplace_backward=inplace, **kw)[0].backward()
         return step
     if method == "fastupg-logprobs":

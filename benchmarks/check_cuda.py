@@ -15,8 +15,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from _bench_common import alias  # noqa: E402
 
 from fastupg.estimator import PRESETS, Estimator  # noqa: E402
 from fastupg.kernels import (fused_linear_logprobs, fused_linear_policy_loss, fused_policy_loss,  # noqa: E402
@@ -101,7 +103,7 @@ def check_logits_ops(dev, V=151936, B=2, T=192, large=True):
             for tag, extra in variants:
                 SPLIT["one_launch"] = (not default_one) if extra.pop("_flip", False) else default_one
                 leaf = logits.clone().requires_grad_()
-                z = _alias(leaf) if extra.get("inplace_backward") else leaf
+                z = alias(leaf) if extra.get("inplace_backward") else leaf
                 loss, met = fused_policy_loss(z, targets, est, temperature=TEMP, **kw, **extra)
                 loss.backward()
                 errs = dict(loss=loss_err(loss, loss_r, kw), dz=rel(leaf.grad, zr.grad))
@@ -116,21 +118,6 @@ def check_logits_ops(dev, V=151936, B=2, T=192, large=True):
             torch.cuda.empty_cache()
     if large:
         check_logits_large(dev)
-
-
-class _Alias(torch.autograd.Function):
-    """A non-leaf alias of a leaf (what lm_head hands a loss), so inplace_backward=True is allowed."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.detach()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
-
-
-_alias = _Alias.apply
 
 
 def check_logits_large(dev, V=151936, B=4, T=8192, rows_per_block=1024, min_elems=2 ** 31):

@@ -15,10 +15,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_fused_linear as bfl  # noqa: E402
+from _bench_common import OneAtATime, quick_mode, time_step  # noqa: E402
 
 pytest.importorskip("pytest_benchmark")
 
-QUICK = os.environ.get("FASTUPG_BENCH_QUICK") == "1" or not torch.cuda.is_available()
+QUICK = quick_mode()
 if QUICK:
     SIZES, V, SEQ = [(64, 40), (128, 40)], 1031, 64
     METHODS = list(bfl.QUICK)
@@ -27,15 +28,11 @@ else:
     V, SEQ = 151936, 4096
     METHODS = [m for m in bfl.METHODS if m != "fastupg-torch" and m != "eager"]  # N x V peers: in the script only
 
-_problems: dict = {}
+_problems = OneAtATime()
 
 
 def _problem(N, D):
-    if (N, D) not in _problems:
-        _problems.clear()  # one problem alive at a time (GPU memory)
-        dev = "cpu" if QUICK else "cuda"
-        _problems[(N, D)] = bfl.Problem(N, D, V, torch.bfloat16, dev, SEQ)
-    return _problems[(N, D)]
+    return _problems.get((N, D), lambda: bfl.Problem(N, D, V, torch.bfloat16, "cpu" if QUICK else "cuda", SEQ))
 
 
 @pytest.mark.parametrize("N,D", SIZES, ids=[f"N{n}-D{d}" for n, d in SIZES])
@@ -62,9 +59,4 @@ def test_fused_linear(benchmark, method, N, D):
             h.grad = w.grad = None
             fwd().backward()
 
-    def timed():
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-    benchmark.pedantic(timed, rounds=3 if QUICK else 5, iterations=1, warmup_rounds=1)
-    benchmark.extra_info["total_ms"] = benchmark.stats.stats.median * 1e3
+    time_step(benchmark, step, cuda, rounds=3 if QUICK else 5)

@@ -15,10 +15,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_logits as bl  # noqa: E402
+from _bench_common import OneAtATime, quick_mode, time_step  # noqa: E402
 
 pytest.importorskip("pytest_benchmark")
 
-QUICK = os.environ.get("FASTUPG_BENCH_QUICK") == "1" or not torch.cuda.is_available()
+QUICK = quick_mode()
 if QUICK:
     SIZES, V = [(2, 8), (2, 32)], 1031
     METHODS = ["fastupg-fused", "fastupg-logprobs", "eager"]
@@ -28,14 +29,11 @@ else:
     V = 151936
     METHODS = [m for m in bl.METHODS if m != "torch.compile"]  # (compile: in the script, where it is warmed once)
 
-_problems: dict = {}
+_problems = OneAtATime()
 
 
 def _problem(B, T):
-    if (B, T) not in _problems:
-        _problems.clear()  # one problem alive at a time (GPU memory)
-        _problems[(B, T)] = bl.Problem(B, T, V, torch.device("cpu" if QUICK else "cuda"))
-    return _problems[(B, T)]
+    return _problems.get((B, T), lambda: bl.Problem(B, T, V, torch.device("cpu" if QUICK else "cuda")))
 
 
 @pytest.mark.parametrize("B,T", SIZES, ids=[f"{b}x{t}" for b, t in SIZES])
@@ -51,9 +49,4 @@ def test_logits_grpo_loss(benchmark, method, B, T):
     benchmark.extra_info.update(method=method, N=p.N, B=B, T=T, V=V, peak_extra_mib=bl.peak_mib(step, cuda),
                                 device=torch.cuda.get_device_name() if cuda else "cpu")
 
-    def timed():
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-    benchmark.pedantic(timed, rounds=3 if QUICK else 20, iterations=1, warmup_rounds=1)
-    benchmark.extra_info["total_ms"] = benchmark.stats.stats.median * 1e3
+    time_step(benchmark, step, cuda, rounds=3 if QUICK else 20)

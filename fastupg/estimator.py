@@ -316,15 +316,23 @@ def raise_failed_checks(checks: list) -> None:
             raise ValueError(msg() if callable(msg) else msg)
 
 
+def check_per_token_arg(name: str, t, shape, dtype_kind: str | None = None, shape_of: str = "logp") -> None:
+    """A per-token argument is a tensor of `shape` (that of `shape_of`), floating point for dtype_kind="float",
+    integer for "int": the argument checks shared by policy_loss and the fused kernels (fastupg.kernels)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.shape != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)} (the shape of {shape_of})")
+    if dtype_kind == "float" and not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if dtype_kind == "int" and t.is_floating_point():
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+
+
 def _check_tensor(name: str, t, n_shape, *, finite=True, dtype_kind=None, checks=None):
     if t is None:
         return None
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.shape != n_shape:
-        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(n_shape)} (the shape of logp)")
-    if dtype_kind == "float" and not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    check_per_token_arg(name, t, n_shape, dtype_kind)
     if finite and t.is_floating_point():
         checks.append(((~torch.isfinite(t)).any(), f"{name} contains non-finite values (nan/inf)"))
     return t

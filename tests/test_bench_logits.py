@@ -2,7 +2,6 @@
 pytest-benchmark suite runs on the quick sizes and its JSON feeds the same plotting script."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -35,13 +34,9 @@ def test_cli_errors_exit_2(capsys):
 
 def test_pytest_benchmark_suite_json_plots(tmp_path):
     import pytest_benchmark  # noqa: F401  (installed by the README test command: missing must fail, not skip)
+    from _bench_common import run_suite_quick
     out = tmp_path / "out.json"
-    env = dict(os.environ, FASTUPG_BENCH_QUICK="1", PYTHONPATH=ROOT)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        os.path.join(ROOT, "benchmarks", "test_bench_logits.py"), "-k", "2x8 and (eager or fused)",
-                        f"--benchmark-json={out}"], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    doc = json.loads(out.read_text())
+    doc = run_suite_quick("test_bench_logits.py", "2x8 and (eager or fused)", out)
     assert {b["extra_info"]["method"] for b in doc["benchmarks"]} == {"fastupg-fused", "eager"}
     from plot_bench import plot
     assert plot(str(out), str(tmp_path / "png"))

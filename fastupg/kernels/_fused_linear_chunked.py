@@ -18,6 +18,7 @@ import torch
 from fastupg.estimator import Estimator, aggregation_weights, policy_loss, prepare_inputs, raise_failed_checks
 from fastupg.kernels._fused_linear_common import FusedLinearOptions, _stat_dtype
 from fastupg.kernels.logits import use_triton
+from fastupg.kernels.torch_reference import log_softmax_stats
 
 _CHUNK_FILTER_BLOCK = 4096  # exact=False: vocabulary columns per filtering block
 
@@ -95,12 +96,9 @@ def _chunked_forward(h, w, b, tgt, o: FusedLinearOptions):
             del z
             continue
         z = _chunk_logits(h[i:j], w, b, o.temperature, sdt)
-        lse_c = torch.logsumexp(z, dim=-1)
-        lse[i:j] = lse_c
-        logp[i:j] = z.gather(1, tgt[i:j, None]).squeeze(1) - lse_c
+        logp[i:j], lse[i:j], en = log_softmax_stats(z, tgt[i:j], ent is not None, inplace=True)  # z: log p
         if ent is not None:
-            z -= lse_c[:, None]              # log p, in place
-            ent[i:j] = -(z.exp() * z).sum(-1)  # one temporary (p log p is fused by the sum's input)
+            ent[i:j] = en
         del z
     return logp, lse, ent
 
@@ -294,10 +292,7 @@ def _torch_chunk_grad(h_c, w, b, tgt_c, sel, x, scale, est_tok, need_ent, logp, 
     """PyTorch path of one chunk (fp64, or no Triton): fills logp/ent[sel], returns dL/dz in `dtype`."""
     sdt = _stat_dtype(h_c.dtype)
     z = _chunk_logits(h_c, w, b, o.temperature, sdt)  # u = z / T
-    lse = torch.logsumexp(z, dim=-1)
-    z -= lse[:, None]                                    # log p
-    logp[sel] = z.gather(1, tgt_c[:, None]).squeeze(1)
-    ent[sel] = -(z.exp() * z).sum(-1)
+    logp[sel], _, ent[sel] = log_softmax_stats(z, tgt_c, True, inplace=True)  # z now holds log p
     gl, gh = _row_grads(est_tok, logp[sel], ent[sel] if need_ent else None, sel, x, scale, need_ent)
     gl = gl.to(sdt)
     if gh is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastupg.kernels._fused_linear_common import _no_autocast, _stat_dtype
+from fastupg.kernels.torch_reference import log_softmax_stats
 
 
 class _Logits(torch.autograd.Function):
@@ -34,7 +35,5 @@ def _torch_logprobs(h, w, b, tgt, temperature, return_entropy):
     """Plain reference: materialises the logits; differentiable by autograd."""
     z = _Logits.apply(h, w, b)
     z = z.to(_stat_dtype(h.dtype)) / temperature
-    lp = torch.log_softmax(z, dim=-1)
-    logp = lp.gather(-1, tgt[:, None]).squeeze(-1)
-    ent = -(lp.exp() * lp).sum(-1) if return_entropy else None
+    logp, _, ent = log_softmax_stats(z, tgt, return_entropy)  # the one log-softmax reference
     return logp, ent

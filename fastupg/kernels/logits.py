@@ -1,679 +1,49 @@
-"""Fused Triton kernels over logits: per-token log-probs (+ entropy) and the whole unified policy loss.
-
-Two public ops, each an autograd Function (kernels and Function in one file, as Liger-Kernel does):
+"""The public logits ops: per-token log-probs (+ entropy) and the whole unified policy loss, straight from logits.
 
 * `token_logprobs(logits, targets, temperature=1.0, return_entropy=False, inplace_backward=False)`
-  log-prob layer. Forward: ONE streaming pass over the vocabulary per row (online log-sum-exp of z/T, target logit,
-  entropy from the running sum of p*z), saving O(N). Backward: ONE pass writing
-      dz_j = [ g_l (onehot_j - p_j) - g_H p_j (log p_j + H) ] / T.
+  log-prob layer (differentiable; any estimator, GSPO included, through fastupg.policy_loss).
 * `fused_policy_loss(logits, targets, estimator, *, advantages, old_logp, mask, offline, seq_ids, weight, ref_logp,
   temperature, agg, inplace_backward, check)` -> (loss, metrics)
-  fused-loss layer for token-level estimators, no host sync (unless check="sync"):
-    1. `_prep_kernel` (one program): aggregation weights s_t * coef * w_t, row flags, data checks (O(N));
-    2. `_fused_kernel`: each row is split in vocabulary chunks; the programs of a row write partial log-sum-exps to
-       a small workspace, combine them, and write the gradient of their chunk; per-token loss, log-prob, entropy,
-       ratio, KL and clip flags come out of it too. Two launches by default (PHASE 1 stats, PHASE 2 combine +
-       gradient: logits read twice); SPLIT["one_launch"] keeps each chunk in registers across a meeting of the row's
-       programs instead (logits read once), measured slower on an H100 (see SPLIT);
-    3. `_finalize_kernel` (one program): the loss (float64 sum) and every metric of `fastupg.policy_loss`.
-  Backward hands the saved gradient out (times the upstream gradient, see _FusedPolicyLoss).
-  Sequence-level estimators (GSPO) go through `token_logprobs` + `fastupg.policy_loss`.
+  fused-loss layer: the loss AND its logits gradient in one pass over the logits (token-level estimators; sequence-
+  level ones such as GSPO go through token_logprobs + fastupg.policy_loss). Backward hands the saved gradient out.
+* `raise_deferred_checks()`, `loss_and_grad_rows(...)` (the row-level building block of the fused-linear ops).
 
-The per-token math follows `fastupg.estimator` exactly (docs/math.md §1):
-    loss = sum_t scale_t * ell_t,    dL/dz_t = scale_t * [ d ell_t/d l_t * (onehot - p)/T + c_H p (log p + H)/T ].
-
-Dispatch: Triton runs when the logits are on a CUDA device or when TRITON_INTERPRET=1 (the CPU interpreter the tests
-use; there the fused kernel runs as two launches, since interpreted programs run one after the other); otherwise the
-plain-PyTorch reference of `fastupg.kernels.torch_reference` runs (same results and semantics, N x V temporaries).
-All offsets into the logits are 64-bit (more than 2^31 elements: 32k tokens x 152k vocabulary).
+This file is the API and the dispatch; the work is done elsewhere, one file per implementation:
+    _logits_triton.py   the Triton kernels, their launch configurations (LAUNCH, SPLIT) and launchers: they run when
+                        the logits are on a CUDA device or when TRITON_INTERPRET=1 (the CPU interpreter of the tests);
+    torch_reference.py  the plain-PyTorch path otherwise (same results and semantics, N x V temporaries), which is
+                        also the float64 oracle of the tests;
+    _logits_checks.py   argument checks, in-place guards and the data checks (sync / deferred / off) of both.
 """
 from __future__ import annotations
 
 import os
-import weakref
 
 import torch
-import triton
-import triton.language as tl
 
-from fastupg.estimator import PRESETS, Estimator, aggregation_weights, raise_failed_checks
+from fastupg.estimator import Estimator, policy_loss
 from fastupg.kernels import torch_reference as reference
+from fastupg.kernels._logits_checks import (_USED_AFTER, CHECK_MODES, _check_logits_targets, _describer, _flatten,
+                                            _mark_overwritten, _prepare_args, _refuse_leaf, _refuse_overwritten,
+                                            _refuse_view, _submit_checks, advantage_rule, check_mask_values,
+                                            effective_advantages, raise_deferred_checks, resolve_estimator)
+from fastupg.kernels._logits_triton import (FEW_ROWS, KERNEL_INFO, LAUNCH, LAUNCH_FEW_ROWS, METRIC_KEYS, SPLIT,
+                                            _fused_triton, _TokenLogprobs, loss_and_grad_rows, rescale_rows)
 
-_REF = {"policy": 0, "old": 1, "one": 2}
-_MASK = {"none": 0, "clip": 1, "cispo": 2}
-_KL = {"k1": 1, "k2": 2, "k3": 3}
-_NEG = tl.constexpr(-1.0e30)  # (constexpr: compiled kernels read no plain globals) finite "minus infinity" for the running max: keeps exp(m_old - m_new) free of inf - inf
+__all__ = ["token_logprobs", "fused_policy_loss", "raise_deferred_checks", "loss_and_grad_rows", "use_triton",
+           # moved to _logits_checks.py / _logits_triton.py, still importable from here
+           "CHECK_MODES", "resolve_estimator", "advantage_rule", "effective_advantages", "check_mask_values",
+           "LAUNCH", "LAUNCH_FEW_ROWS", "FEW_ROWS", "SPLIT", "KERNEL_INFO", "METRIC_KEYS"]
 
 
 def use_triton(t: torch.Tensor) -> bool:
+    """Where the kernels run: CUDA tensors, or any tensor under TRITON_INTERPRET=1; the PyTorch path otherwise."""
     return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# Launch configurations (vocabulary block, warps, pipeline stages) per kernel kind. Passes that reduce over the
-# vocabulary run best with few warps per row and many rows per SM (no cross-warp reduction in the loop); the
-# gradient pass is elementwise. Chosen by measurement: benchmarks/tune_logits.py, see benchmarks/RESULTS.md.
-LAUNCH = {
-    "stats": dict(block=1024, warps=1, stages=2),   # _logprobs_fwd: one reduction pass
-    "grad": dict(block=4096, warps=8, stages=1),    # _logprobs_bwd: one elementwise pass
-}  # (the fused-loss kernel's configuration is SPLIT, below)
-
-
-# Few rows (the chunks of fastupg-chunked): one warp per row would leave most of the GPU idle; spread each row over
-# 8 warps instead (the 8192-row sweep's runner-up).
-FEW_ROWS, LAUNCH_FEW_ROWS = 4096, dict(block=4096, warps=8, stages=1)
-
-
-def _launch(kind: str, V: int, block_v: int | None, rows: int | None = None) -> dict:
-    """Kernel launch arguments for `rows` rows of V logits; block_v (tests) overrides every vocabulary block."""
-    c = LAUNCH_FEW_ROWS if (rows is not None and rows < FEW_ROWS and kind != "grad") else LAUNCH[kind]
-    cap = triton.next_power_of_2(V)
-    return dict(BLOCK=min(block_v or c["block"], cap), num_warps=c["warps"], num_stages=c["stages"])
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# kernels
-# ------------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _row_stats(row_ptr, V: tl.constexpr, BLOCK: tl.constexpr, inv_t):
-    """One streaming pass over a row of logits: (lse, E_p[z/T]) of softmax(z/T), in fp32."""
-    m = tl.full((), _NEG, tl.float32)
-    s = tl.zeros((), tl.float32)
-    sx = tl.zeros((), tl.float32)
-    for start in range(0, V, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_t
-        m_new = tl.maximum(m, tl.max(x, 0))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(x - m_new)
-        s = s * alpha + tl.sum(e, 0)
-        sx = sx * alpha + tl.sum(e * tl.where(e > 0, x, 0.0), 0)  # masked/-inf logits add 0, not 0 * -inf
-        m = m_new
-    lse = m + tl.log(s)
-    return lse, sx / s
-
-
-@triton.jit
-def _write_grad(row_ptr, grad_ptr, V: tl.constexpr, BLOCK: tl.constexpr, inv_t, lse, H, target, c_l, c_h):
-    """grad_j = c_l * (onehot_j - p_j) * inv_t + c_h * p_j * (log p_j + H) * inv_t  (c_h: the entropy coefficient)."""
-    for start in range(0, V, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        valid = offs < V
-        x = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_t
-        logp = x - lse
-        p = tl.exp(logp)
-        g = -c_l * p + c_h * p * tl.where(p > 0, logp + H, 0.0)
-        g = tl.where(offs == target, g + c_l, g) * inv_t
-        tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=valid)
-
-
-@triton.jit
-def _logprobs_fwd(logits_ptr, stride, targets_ptr, logp_ptr, lse_ptr, ent_ptr, tgt_logit_ptr, inv_t,
-                  V: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride
-    lse, ex = _row_stats(row_ptr, V, BLOCK, inv_t)
-    t = tl.minimum(tl.maximum(tl.load(targets_ptr + row), 0), V - 1)  # out-of-range targets: error raised on host
-    xt = tl.load(row_ptr + t).to(tl.float32) * inv_t
-    tl.store(logp_ptr + row, xt - lse)
-    tl.store(lse_ptr + row, lse)
-    tl.store(ent_ptr + row, lse - ex)
-    tl.store(tgt_logit_ptr + row, xt)
-
-
-@triton.jit
-def _logprobs_bwd(logits_ptr, stride, grad_ptr, gstride, targets_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, inv_t,
-                  V: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    t = tl.load(targets_ptr + row)
-    # dH/dz_j = -p_j (log p_j + H) / T, so a gradient g_H on the entropy enters with c_h = -g_H
-    _write_grad(logits_ptr + row * stride, grad_ptr + row * gstride, V, BLOCK, inv_t, tl.load(lse_ptr + row),
-                tl.load(ent_ptr + row), t, tl.load(g_logp_ptr + row), -tl.load(g_ent_ptr + row))
-
-
-@triton.jit
-def _pg_term(l, A, old, REF: tl.constexpr, MASK: tl.constexpr, eps_low, eps_high, DUAL: tl.constexpr, dual_c, gamma):
-    """Per-token policy-gradient loss, its derivative d/dl, clip flags (low, high, dual) and the ratio."""
-    zero = l * 0.0
-    low = zero
-    high = zero
-    dual = zero
-    ratio = zero
-    if REF == 0:      # policy: rho = l
-        loss = -A * l
-        d = -A + zero
-    elif REF == 2:    # one: rho = p or p / (p + gamma)
-        p = tl.exp(l)
-        if gamma > 0:
-            loss = -A * p / (p + gamma)
-            d = -A * gamma * p / ((p + gamma) * (p + gamma))
-        else:
-            loss = -A * p
-            d = -A * p
-    else:             # old: r = exp(l - old)
-        r = tl.exp(l - old)
-        ratio = r
-        lo = 1.0 - eps_low
-        hi = 1.0 + eps_high
-        if MASK == 0:
-            loss = -A * r
-            d = -A * r
-        elif MASK == 2:   # cispo: -sg(clip(r)) * A * l
-            rc = tl.minimum(tl.maximum(r, lo), hi)
-            loss = -rc * A * l
-            d = -rc * A
-            low = tl.where(r < lo, 1.0, 0.0)
-            high = tl.where(r > hi, 1.0, 0.0)
-        else:             # clip: max(-A r, -A clip(r)), optional dual clip
-            unc = -A * r
-            clp = -A * tl.minimum(tl.maximum(r, lo), hi)
-            loss = tl.maximum(unc, clp)
-            d = tl.where(unc >= clp, -A * r, 0.0)
-            low = tl.where((r < lo) & (A < 0), 1.0, 0.0)
-            high = tl.where((r > hi) & (A > 0), 1.0, 0.0)
-            if DUAL:
-                cap = -dual_c * A
-                capped = (A < 0) & (loss > cap)
-                dual = tl.where(capped, 1.0, 0.0)
-                loss = tl.where(capped, cap, loss)
-                d = tl.where(capped, 0.0, d)
-    return loss, d, low, high, dual, ratio
-
-
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# fused-loss kernels: prep (aggregation weights + data checks), split-row loss+gradient, finalize (loss + metrics)
-# ------------------------------------------------------------------------------------------------------------------
-# agg mode codes of _prep_kernel (fastupg.estimator.AGGS)
-_AGG = {"token-sum": 0, "token-mean": 1, "token-sum-norm": 2, "seq-mean-token-sum": 3,
-        "seq-mean-token-mean": 4, "seq-mean-token-sum-norm": 5}
-# bits of the error word the kernels write (prep: 0-5, main kernel per-token flags: 8-12); messages in _ERRORS
-# (tl.constexpr: compiled kernels read no plain globals; the host reads .value)
-E_MASK, E_W_NONFINITE, E_W_NEG = tl.constexpr(1), tl.constexpr(2), tl.constexpr(4)
-E_NO_ONLINE, E_NO_OFFLINE, E_NO_OLD = tl.constexpr(8), tl.constexpr(16), tl.constexpr(32)
-E_LOGITS, E_ADV, E_OLD, E_REF, E_TARGET = (tl.constexpr(256), tl.constexpr(512), tl.constexpr(1024),
-                                           tl.constexpr(2048), tl.constexpr(4096))
-# metrics in the order of the finalize kernel's output vector
-METRIC_KEYS = ("loss/online", "loss/offline", "clip_ratio/low", "clip_ratio/high", "clip_ratio/dual", "ratio/mean",
-               "entropy", "kl", "tokens/online", "tokens/offline")
-
-
-@triton.jit
-def _or(a, b):
-    return a | b
-
-
-@triton.jit
-def _any(cond):
-    """1 if any element of the boolean tile is true, else 0 (int32)."""
-    return tl.max(cond.to(tl.int32), 0)
-
-
-@triton.jit
-def _agg_factor(MODE: tl.constexpr, c_seq, tot, ne, norm):
-    """s_t / mask_t of fastupg.estimator._agg_weights_one for one group of tokens (see _AGG)."""
-    if MODE == 0:
-        f = tot * 0.0 + 1.0
-    elif MODE == 1:
-        f = 1.0 / tl.maximum(tot, 1.0)
-    elif MODE == 2:
-        f = tot * 0.0 + 1.0 / norm
-    elif MODE == 3:
-        f = 1.0 / tl.maximum(ne, 1.0)
-    elif MODE == 5:
-        f = 1.0 / (tl.maximum(ne, 1.0) * norm)
-    else:
-        f = 1.0 / (tl.maximum(c_seq, 1.0) * tl.maximum(ne, 1.0))
-    return f
-
-
-@triton.jit
-def _tok_tile(mask_ptr, off_ptr, idx, inb, HAS_MASK: tl.constexpr, HAS_OFF: tl.constexpr, OFF_DEFAULT: tl.constexpr):
-    """(raw mask value, counted 0/1, offline 0/1) of a tile of tokens, fp32."""
-    if HAS_MASK:
-        m = tl.load(mask_ptr + idx, mask=inb, other=0).to(tl.float32)
-    else:
-        m = tl.where(inb, 1.0, 0.0)
-    cnt = tl.where(inb & (m != 0), 1.0, 0.0)
-    if HAS_OFF:
-        o = tl.where(tl.load(off_ptr + idx, mask=inb, other=0) != 0, 1.0, 0.0)
-    else:
-        o = tl.where(inb, 1.0, 0.0) * OFF_DEFAULT
-    return m, cnt, o
-
-
-@triton.jit
-def _prep_kernel(mask_ptr, off_ptr, w_ptr, s_ptr, scale_ptr, info_ptr, cnt_ptr, err_ptr,
-                 R, T, norm, coef_on, coef_off,
-                 HAS_MASK: tl.constexpr, HAS_OFF: tl.constexpr, OFF_DEFAULT: tl.constexpr, HAS_W: tl.constexpr,
-                 S_GIVEN: tl.constexpr, SPLIT: tl.constexpr, MODE: tl.constexpr, MODE_OFF: tl.constexpr,
-                 HAS_ON_BRANCH: tl.constexpr, HAS_OFF_BRANCH: tl.constexpr, NEED_OLD: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    """ONE program: the O(N) work before the vocabulary pass, for tokens laid out as R sequences of T.
-
-    Writes per token scale_t = s_t * coef_branch * w_t (s_t: the aggregation weight of fastupg.estimator),
-    info_t = counted | offline << 1, zeroes the arrival counters of the main kernel, and the data-check bits
-    (E_MASK ... E_NO_OLD) into err_ptr[0]. Pass 1 counts tokens per sequence and branch, pass 2 writes.
-    """
-    cols = tl.arange(0, BLOCK)
-    tot_on = tl.zeros((), tl.float32)
-    tot_off = tl.zeros((), tl.float32)
-    ne_on = tl.zeros((), tl.float32)
-    ne_off = tl.zeros((), tl.float32)
-    ne_all = tl.zeros((), tl.float32)
-    bad = tl.zeros((BLOCK,), tl.int32)
-    for r in range(0, R):
-        c_on = tl.zeros((), tl.float32)
-        c_off = tl.zeros((), tl.float32)
-        for c0 in range(0, T, BLOCK):
-            inb = (c0 + cols) < T
-            idx = r * T + c0 + cols
-            m, cnt, o = _tok_tile(mask_ptr, off_ptr, idx, inb, HAS_MASK, HAS_OFF, OFF_DEFAULT)
-            c_on += tl.sum(cnt * (1.0 - o), 0)
-            c_off += tl.sum(cnt * o, 0)
-            bad |= tl.where(inb & (m != 0) & (m != 1), E_MASK, 0)
-            if HAS_W:
-                w = tl.load(w_ptr + idx, mask=inb, other=0).to(tl.float32)
-                bad |= tl.where((w != w) | (tl.abs(w) == float("inf")), E_W_NONFINITE, 0)
-                bad |= tl.where(w < 0, E_W_NEG, 0)
-            if HAS_OFF:
-                if not HAS_ON_BRANCH:
-                    bad |= tl.where((cnt * (1.0 - o)) != 0, E_NO_ONLINE, 0)
-                if not HAS_OFF_BRANCH:
-                    bad |= tl.where((cnt * o) != 0, E_NO_OFFLINE, 0)
-            if NEED_OLD:
-                bad |= tl.where((cnt * (1.0 - o)) != 0, E_NO_OLD, 0)
-        tot_on += c_on
-        tot_off += c_off
-        ne_on += tl.where(c_on > 0, 1.0, 0.0)
-        ne_off += tl.where(c_off > 0, 1.0, 0.0)
-        ne_all += tl.where(c_on + c_off > 0, 1.0, 0.0)
-    tl.store(err_ptr, tl.reduce(bad, 0, _or))
-    for r in range(0, R):
-        c_on = tl.zeros((), tl.float32)
-        c_off = tl.zeros((), tl.float32)
-        if not S_GIVEN:
-            if MODE == 4 or MODE_OFF == 4:  # per-sequence counts again (one more pass over N bytes, no scratch)
-                for c0 in range(0, T, BLOCK):
-                    inb = (c0 + cols) < T
-                    idx = r * T + c0 + cols
-                    m, cnt, o = _tok_tile(mask_ptr, off_ptr, idx, inb, HAS_MASK, HAS_OFF, OFF_DEFAULT)
-                    c_on += tl.sum(cnt * (1.0 - o), 0)
-                    c_off += tl.sum(cnt * o, 0)
-        for c0 in range(0, T, BLOCK):
-            inb = (c0 + cols) < T
-            idx = r * T + c0 + cols
-            m, cnt, o = _tok_tile(mask_ptr, off_ptr, idx, inb, HAS_MASK, HAS_OFF, OFF_DEFAULT)
-            if S_GIVEN:
-                s = tl.load(s_ptr + idx, mask=inb, other=0).to(tl.float32)
-            elif SPLIT:
-                f_on = _agg_factor(MODE, c_on, tot_on, ne_on, norm)
-                f_off = _agg_factor(MODE_OFF, c_off, tot_off, ne_off, norm)
-                s = cnt * tl.where(o != 0, f_off, f_on)
-            else:
-                s = cnt * _agg_factor(MODE, c_on + c_off, tot_on + tot_off, ne_all, norm)
-            sc = s * tl.where(o != 0, coef_off, coef_on)
-            if HAS_W:
-                sc = sc * tl.load(w_ptr + idx, mask=inb, other=0).to(tl.float32)
-            tl.store(scale_ptr + idx, sc, mask=inb)
-            tl.store(info_ptr + idx, (cnt + 2.0 * o).to(tl.int8), mask=inb)
-            tl.store(cnt_ptr + idx, tl.zeros((BLOCK,), tl.int32), mask=inb)
-
-
-@triton.jit
-def _nonfinite(v):
-    return (v != v) | (tl.abs(v) == float("inf"))
-
-
-@triton.jit
-def _load_chunk(logits_ptr, sb, st, TR, info_ptr, row, N, offs, V):
-    """This program's chunk of logits of `row` (-inf where masked: rows past N and rows that do not count)."""
-    ok = row < N
-    r = tl.where(ok, row, 0)
-    info = tl.load(info_ptr + r).to(tl.int32)
-    b = r // TR
-    ptr = logits_ptr + b * sb + (r - b * TR) * st
-    lim = tl.where(ok & ((info & 1) != 0), V, 0)  # (a scalar bound: the interpreter takes no tile & scalar masks)
-    return tl.load(ptr + offs, mask=offs < lim, other=float("-inf"), eviction_policy="evict_first")
-
-
-@triton.jit
-def _fused_kernel(logits_ptr, sb, st, TR, grad_ptr, gsb, gst,
-                  tgt_ptr, adv_ptr, old_ptr, ref_ptr, scale_ptr, info_ptr,
-                  ell_ptr, logp_ptr, ent_ptr, ratio_ptr, kl_ptr, flags_ptr,
-                  ws_ptr, cnt_ptr, N, iters,
-                  inv_t, adv_scalar, eps_low, eps_high, dual_c, gamma, ent_coef, kl_coef,
-                  V: tl.constexpr, CHUNK: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, PHASE: tl.constexpr,
-                  WRITE_GRAD: tl.constexpr,
-                  ON_REF: tl.constexpr, ON_MASK: tl.constexpr, OFF_REF: tl.constexpr, OFF_MASK: tl.constexpr,
-                  ON_A1: tl.constexpr, OFF_A1: tl.constexpr, HAS_ADV: tl.constexpr, HAS_OLD: tl.constexpr,
-                  DUAL: tl.constexpr, KL_EST: tl.constexpr, KL_ON: tl.constexpr, HAS_ENT: tl.constexpr):
-    """Loss, log-prob, entropy, metrics inputs AND the logits gradient of every token, each row read ONCE.
-
-    Row split: program pid always handles vocabulary chunk c = pid % K (CHUNK logits, held in registers) of rows
-    pid // K, + G, + 2G, ... (G = programs / K). PHASE 0 (compiled GPU code): each program writes its chunk's
-    (max, sum exp, sum exp * x) to the workspace, the K programs of a row meet at an arrival counter (all of them
-    are resident: the grid is sized to the GPU, see _launch_rows), combine the K partials into the row's
-    log-sum-exp and entropy, and write the gradient of their chunk from registers: logits read once, gradient
-    written once. PHASE 1 + PHASE 2 (two launches; the CPU interpreter runs programs one after the other, so a
-    program may not wait for another): stats, then combine + gradient with the chunk read again.
-    Rows with info_t & 1 == 0 (masked) get a zero gradient without reading their logits. Chunk-0 programs write
-    the per-token outputs and flags (clip bits 0-2, data-check bits E_LOGITS ... E_TARGET) of every row.
-    """
-    pid = tl.program_id(0)
-    G = tl.num_programs(0) // K
-    c = pid % K
-    offs = c * CHUNK + tl.arange(0, CHUNK)
-    valid = offs < V
-    kk = tl.arange(0, KP)
-    row0 = pid // K + tl.zeros((), tl.int64)  # 64-bit offsets: N x V may exceed 2^31
-    xq = _load_chunk(logits_ptr, sb, st, TR, info_ptr, row0, N, offs, V)
-    for it in range(0, iters):
-        row = row0 + it * G
-        # prefetch: the next row's chunk is in flight while this row's partials are combined and its gradient
-        # written (no hazard in place: nobody writes that row before this program has arrived at its counter)
-        xq_next = _load_chunk(logits_ptr, sb, st, TR, info_ptr, row + G, N, offs, V)
-        if row < N:
-            info = tl.load(info_ptr + row).to(tl.int32)
-            b = row // TR
-            tt = row - b * TR
-            row_ptr = logits_ptr + b * sb + tt * st
-            grow = grad_ptr + b * gsb + tt * gst
-            tgt_raw = tl.load(tgt_ptr + row).to(tl.int64)
-            tgt = tl.minimum(tl.maximum(tgt_raw, 0), V - 1)
-            wsr = ws_ptr + row * (K * 4)
-            errs = tl.where((tgt_raw < 0) | (tgt_raw >= V), E_TARGET, 0)
-            if HAS_ADV:
-                A = tl.load(adv_ptr + row).to(tl.float32)
-                errs |= tl.where(_nonfinite(A), E_ADV, 0)
-            else:
-                A = adv_scalar
-            if HAS_OLD:
-                old = tl.load(old_ptr + row).to(tl.float32)
-                errs |= tl.where(_nonfinite(old), E_OLD, 0)
-            if KL_EST != 0:
-                rl = tl.load(ref_ptr + row).to(tl.float32)
-                errs |= tl.where(_nonfinite(rl), E_REF, 0)
-            if (info & 1) != 0:
-                is_off = (info & 2) != 0
-                if PHASE != 2:
-                    x = xq.to(tl.float32) * inv_t
-                    mc = tl.maximum(tl.max(x, 0), _NEG)
-                    e = tl.exp(x - mc)
-                    tl.store(wsr + c * 4, mc)
-                    tl.store(wsr + c * 4 + 1, tl.sum(e, 0))
-                    tl.store(wsr + c * 4 + 2, tl.sum(e * tl.where(e > 0, x, 0.0), 0))  # (-inf logits add 0)
-                    if tgt // CHUNK == c:  # the target's owner publishes its logit (read before anyone writes)
-                        tl.store(wsr + 3, tl.load(row_ptr + tgt).to(tl.float32) * inv_t)
-                if PHASE == 0:
-                    tl.debug_barrier()  # every thread's partial stores precede the (gpu-scope release) arrival
-                    n = tl.atomic_add(cnt_ptr + row, 1, sem="acq_rel", scope="gpu") + 1
-                    while n < K:
-                        n = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
-                if PHASE != 1:
-                    pm = tl.load(wsr + kk * 4, mask=kk < K, other=_NEG, cache_modifier=".cg")
-                    ps = tl.load(wsr + kk * 4 + 1, mask=kk < K, other=0.0, cache_modifier=".cg")
-                    psx = tl.load(wsr + kk * 4 + 2, mask=kk < K, other=0.0, cache_modifier=".cg")
-                    xt = tl.load(wsr + 3, cache_modifier=".cg")
-                    M = tl.max(pm, 0)
-                    wk = tl.exp(pm - M)
-                    S = tl.sum(ps * wk, 0)
-                    lse = M + tl.log(S)
-                    H = lse - tl.sum(psx * wk, 0) / S
-                    l = xt - lse
-                    if ON_A1:
-                        A_on = A * 0.0 + 1.0
-                    else:
-                        A_on = A
-                    if OFF_A1:
-                        A_off = A * 0.0 + 1.0
-                    else:
-                        A_off = A
-                    if HAS_OLD:
-                        o_on = old
-                    else:
-                        o_on = l
-                    on_loss, on_d, on_lo, on_hi, on_du, on_r = _pg_term(l, A_on, o_on, ON_REF, ON_MASK, eps_low,
-                                                                        eps_high, DUAL, dual_c, gamma)
-                    off_loss, off_d, off_lo, off_hi, off_du, off_r = _pg_term(l, A_off, l, OFF_REF, OFF_MASK, eps_low,
-                                                                              eps_high, DUAL, dual_c, gamma)
-                    ell = tl.where(is_off, off_loss, on_loss)
-                    d = tl.where(is_off, off_d, on_d)
-                    kl = l * 0.0
-                    if KL_EST != 0:
-                        delta = rl - l
-                        if KL_EST == 1:
-                            kl = l - rl
-                            dkl = l * 0.0 + 1.0
-                        elif KL_EST == 2:
-                            kl = 0.5 * delta * delta
-                            dkl = l - rl
-                        else:
-                            kl = tl.exp(delta) - delta - 1.0
-                            dkl = 1.0 - tl.exp(delta)
-                        if KL_ON:
-                            ell += kl_coef * kl
-                            d += kl_coef * dkl
-                    ell -= ent_coef * H
-                    if WRITE_GRAD:
-                        scale = tl.load(scale_ptr + row)
-                        c_l = scale * d
-                        # x again from the chunk's raw values (held in their 2-byte dtype across the meeting point:
-                        # fp32 copies held there would halve the programs that fit on an SM); `+ 0 * M` keeps the
-                        # compiler from reusing (and so keeping alive) the first pass's fp32 values
-                        x2 = xq.to(tl.float32) * (inv_t + 0.0 * M)
-                        p = tl.exp(x2 - lse)
-                        g = -c_l * p
-                        if HAS_ENT:
-                            g += scale * ent_coef * p * tl.where(p > 0, x2 - lse + H, 0.0)
-                        g = tl.where(offs == tgt, g + c_l, g) * inv_t
-                        tl.store(grow + offs, g.to(grad_ptr.dtype.element_ty), mask=valid,
-                                 eviction_policy="evict_first")
-                    if c == 0:
-                        errs |= tl.where(_nonfinite(lse) | _nonfinite(xt), E_LOGITS, 0)
-                        bits = tl.where(is_off, off_lo, on_lo) + 2 * tl.where(is_off, off_hi, on_hi) + \
-                            4 * tl.where(is_off, off_du, on_du)
-                        tl.store(ell_ptr + row, ell)
-                        tl.store(logp_ptr + row, l)
-                        tl.store(ent_ptr + row, H)
-                        tl.store(ratio_ptr + row, tl.where(is_off, off_r, on_r))
-                        tl.store(kl_ptr + row, kl)
-                        tl.store(flags_ptr + row, bits.to(tl.int32) | errs)
-            else:
-                if PHASE != 1:
-                    if WRITE_GRAD:
-                        tl.store(grow + offs, tl.zeros((CHUNK,), tl.float32).to(grad_ptr.dtype.element_ty),
-                                 mask=valid)
-                    if c == 0:
-                        tl.store(ell_ptr + row, 0.0)
-                        tl.store(logp_ptr + row, 0.0)
-                        tl.store(ent_ptr + row, 0.0)
-                        tl.store(ratio_ptr + row, 0.0)
-                        tl.store(kl_ptr + row, 0.0)
-                        tl.store(flags_ptr + row, errs)
-        xq = xq_next
-
-
-@triton.jit
-def _finalize_kernel(info_ptr, scale_ptr, ell_ptr, ent_ptr, ratio_ptr, kl_ptr, flags_ptr, out_ptr, loss_ptr, err_ptr,
-                     N, USES_RATIO: tl.constexpr, HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
-    """ONE program: loss = sum_t scale_t * ell_t (float64 accumulation) and every metric of fastupg.policy_loss,
-    in the order of METRIC_KEYS, plus the OR of all data-check bits into err_ptr[0]."""
-    z64 = tl.zeros((BLOCK,), tl.float64)
-    l_on, l_off, n_on, n_off, lo, hi, du, rs, es, ks = z64, z64, z64, z64, z64, z64, z64, z64, z64, z64
-    errs = tl.zeros((BLOCK,), tl.int32)
-    for start in range(0, N, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
-        inb = idx < N
-        info = tl.load(info_ptr + idx, mask=inb, other=0).to(tl.int32)
-        cnt = (info & 1) != 0
-        on = cnt & ((info & 2) == 0)
-        off = cnt & ((info & 2) != 0)
-        sc = tl.load(scale_ptr + idx, mask=inb, other=0.0)
-        ell = tl.load(ell_ptr + idx, mask=inb, other=0.0)
-        contrib = tl.where(cnt & (sc != 0), sc.to(tl.float64) * ell.to(tl.float64), 0.0)
-        fl = tl.load(flags_ptr + idx, mask=inb, other=0)
-        l_on += tl.where(on, contrib, 0.0)
-        l_off += tl.where(off, contrib, 0.0)
-        n_on += tl.where(on, 1.0, 0.0)
-        n_off += tl.where(off, 1.0, 0.0)
-        lo += tl.where(on & ((fl & 1) != 0), 1.0, 0.0)
-        hi += tl.where(on & ((fl & 2) != 0), 1.0, 0.0)
-        du += tl.where(on & ((fl & 4) != 0), 1.0, 0.0)
-        rs += tl.where(on, tl.load(ratio_ptr + idx, mask=inb, other=0.0).to(tl.float64), 0.0)
-        es += tl.where(cnt, tl.load(ent_ptr + idx, mask=inb, other=0.0).to(tl.float64), 0.0)
-        ks += tl.where(cnt, tl.load(kl_ptr + idx, mask=inb, other=0.0).to(tl.float64), 0.0)
-        errs |= fl & ~7
-    L_on = tl.sum(l_on, 0)
-    L_off = tl.sum(l_off, 0)
-    Non = tl.sum(n_on, 0)
-    Noff = tl.sum(n_off, 0)
-    d_on = tl.maximum(Non, 1.0)
-    d_all = tl.maximum(Non + Noff, 1.0)
-    tl.store(loss_ptr, (L_on + L_off).to(tl.float32))
-    tl.store(out_ptr + 0, L_on.to(tl.float32))
-    tl.store(out_ptr + 1, L_off.to(tl.float32))
-    tl.store(out_ptr + 2, (tl.sum(lo, 0) / d_on).to(tl.float32))
-    tl.store(out_ptr + 3, (tl.sum(hi, 0) / d_on).to(tl.float32))
-    tl.store(out_ptr + 4, (tl.sum(du, 0) / d_on).to(tl.float32))
-    if USES_RATIO:
-        tl.store(out_ptr + 5, (tl.sum(rs, 0) / d_on).to(tl.float32))
-    else:
-        tl.store(out_ptr + 5, 0.0)
-    tl.store(out_ptr + 6, (tl.sum(es, 0) / d_all).to(tl.float32))
-    if HAS_REF:
-        tl.store(out_ptr + 7, (tl.sum(ks, 0) / d_all).to(tl.float32))
-    else:
-        tl.store(out_ptr + 7, 0.0)
-    tl.store(out_ptr + 8, Non.to(tl.float32))
-    tl.store(out_ptr + 9, Noff.to(tl.float32))
-    tl.store(err_ptr, tl.load(err_ptr) | tl.reduce(errs, 0, _or))
-
-
-@triton.jit
-def _rescale_kernel(buf_ptr, sb, st, TR, N, g_ptr, V: tl.constexpr, BLOCK: tl.constexpr):
-    """buf *= g, row by row (rows may be strided), unless g == 1: then every program returns at once (no host sync
-    is needed to find out that nothing is to do)."""
-    g = tl.load(g_ptr).to(tl.float32)
-    if g != 1.0:
-        for row in range(tl.program_id(0), N, tl.num_programs(0)):
-            r = row + tl.zeros((), tl.int64)  # 64-bit row offsets
-            b = r // TR
-            p = buf_ptr + b * sb + (r - b * TR) * st
-            for start in range(0, V, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                v = tl.load(p + offs, mask=offs < V)
-                tl.store(p + offs, (v.to(tl.float32) * g).to(buf_ptr.dtype.element_ty), mask=offs < V)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# argument checks (O(N); never an extra pass over N x V)
-# ------------------------------------------------------------------------------------------------------------------
-def _flatten(logits: torch.Tensor, targets: torch.Tensor, temperature: float, checks: list | None = None):
-    """Argument checks and (N, V) / (N,) views. The targets-range check is a data check: appended to `checks` when
-    given (run later with the other checks in one host sync; the kernels clamp the index meanwhile), else run now."""
-    _check_logits_targets(logits, targets, temperature)
-    V = logits.shape[-1]
-    if targets.numel():
-        now = checks is None
-        checks = [] if now else checks
-        checks.append((((targets < 0) | (targets >= V)).any(), lambda: (
-            f"targets must lie in [0, {V}) (vocabulary size); got values in [{int(targets.min())}, "
-            f"{int(targets.max())}] -- replace ignored positions by 0 and mask them")))
-        if now:
-            raise_failed_checks(checks)
-    z = logits.reshape(-1, V)
-    if z.stride(-1) != 1:
-        z = z.contiguous()
-    return z, targets.reshape(-1).to(torch.int64).contiguous()
-
-
-def _nonfinite_check(lse: torch.Tensor, tgt: torch.Tensor, rows: torch.Tensor | None = None):
-    """(bad, message) for raise_failed_checks: a non-finite row of logits (or a -inf target logit)."""
-    bad = ~(torch.isfinite(lse) & torch.isfinite(tgt))
-    if rows is not None:
-        bad = bad & rows
-    return bad.any(), lambda: (f"logits contain non-finite values (nan/inf) in row {int(bad.nonzero()[0])} "
-                               "(or the target logit is -inf)")
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # log-prob layer
 # ------------------------------------------------------------------------------------------------------------------
-class _TokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, temperature, inplace_backward, block_v):
-        checks = []
-        z, t = _flatten(logits, targets, temperature, checks)
-        N, V = z.shape
-        f32 = dict(dtype=torch.float32, device=z.device)
-        logp, lse, ent, tgt = (torch.empty(N, **f32) for _ in range(4))
-        if N:
-            _logprobs_fwd[(N,)](z, z.stride(0), t, logp, lse, ent, tgt, 1.0 / temperature, V=V,
-                                **_launch("stats", V, block_v, N))
-            checks.append(_nonfinite_check(lse, tgt))
-        raise_failed_checks(checks)  # the one host sync of the forward
-        ctx.save_for_backward(z, t, lse, ent)
-        # in place only where z is the caller's memory (a contiguous copy of odd-strided logits is ours to reuse)
-        shares = z.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
-        ctx.logits_ref = weakref.ref(logits) if inplace_backward and shares else None
-        ctx.meta = (logits.shape, temperature, inplace_backward, block_v)
-        shape = logits.shape[:-1]
-        return logp.view(shape), ent.view(shape)
-
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        shape, temperature, inplace, block_v = ctx.meta
-        if inplace and getattr(ctx, "overwritten", False):
-            raise RuntimeError(_SECOND_BACKWARD)
-        z, t, lse, ent = ctx.saved_tensors
-        N, V = z.shape
-        g_logp = torch.zeros(N, device=z.device) if g_logp is None else g_logp.reshape(-1).float().contiguous()
-        g_ent = torch.zeros(N, device=z.device) if g_ent is None else g_ent.reshape(-1).float().contiguous()
-        grad = z if inplace else torch.empty_like(z)
-        if N:
-            _logprobs_bwd[(N,)](z, z.stride(0), grad, grad.stride(0), t, lse, ent, g_logp, g_ent, 1.0 / temperature,
-                                V=V, **_launch("grad", V, block_v))
-        if inplace:
-            ctx.overwritten = True
-            # the logits now hold their gradient: tell autograd (any other saved use of them, or a second backward
-            # through this node, raises "modified by an inplace operation") and our own ops (they refuse them)
-            torch.autograd.graph.increment_version(z)
-            src = ctx.logits_ref() if ctx.logits_ref is not None else None
-            if src is not None:
-                _mark_overwritten(src, "token_logprobs")
-        return grad.view(shape), None, None, None, None
-
-
-class _TokenLogprobsInplaceRef(torch.autograd.Function):
-    """Plain-PyTorch token_logprobs with inplace_backward=True honoured as on the GPU: backward writes the gradient
-    into the logits (version counter bumped)."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, temperature):
-        logp, ent = reference.token_logprobs_ref(logits, targets, temperature, return_entropy=True)
-        ctx.save_for_backward(logits, targets)
-        ctx.temperature = temperature
-        ctx.logits_ref = weakref.ref(logits)
-        return logp, ent
-
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        if getattr(ctx, "overwritten", False):
-            raise RuntimeError(_SECOND_BACKWARD)
-        ctx.overwritten = True
-        z, t = ctx.saved_tensors
-        with torch.enable_grad():
-            zl = z.detach().requires_grad_()
-            lp, en = reference.token_logprobs_ref(zl, t, ctx.temperature, return_entropy=True)
-            (grad,) = torch.autograd.grad((lp * g_logp).sum() + (en * g_ent).sum(), zl)
-        z.copy_(grad)  # (an in-place op: bumps the version counter)
-        src = ctx.logits_ref()
-        if src is not None:
-            _mark_overwritten(src, "token_logprobs")
-        return z, None, None
-
-
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                    return_entropy: bool = False, inplace_backward: bool = False, block_v: int | None = None):
     """log softmax(logits / T)[targets] (float32, shape of targets), and the entropy of softmax(logits / T).
@@ -690,7 +60,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     if not use_triton(logits):
         if inplace:
             _flatten(logits, targets, temperature)
-            logp, ent = _TokenLogprobsInplaceRef.apply(logits, targets, float(temperature))
+            logp, ent = reference._TokenLogprobsInplaceRef.apply(logits, targets, float(temperature))
             return (logp, ent) if return_entropy else logp
         return reference.token_logprobs_ref(logits, targets, temperature, return_entropy)
     raise_deferred_checks(wait=False)
@@ -699,356 +69,99 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# in-place writes: visible to autograd (version counter, mark_dirty) and to fastupg's own ops
-# ------------------------------------------------------------------------------------------------------------------
-_OVERWRITTEN = ("logits were overwritten with their gradient by an earlier {op}(..., inplace_backward=True) call: "
-                "compute everything that reads these logits before that call, or pass inplace_backward=False")
-_SECOND_BACKWARD = ("token_logprobs(..., inplace_backward=True): a second backward through the same graph, but the "
-                    "first one overwrote the logits with their gradient (modified by an inplace operation); pass "
-                    "inplace_backward=False to backward twice")
-_USED_AFTER = ("the logits were used after fused_policy_loss(..., inplace_backward=True) overwrote them with their "
-               "gradient: compute everything that reads the logits before that call, or pass inplace_backward=False")
-
-
-def _mark_overwritten(t: torch.Tensor, op: str) -> None:
-    """Remember on the tensor (and its base, for a view) that its values are now a gradient: our ops refuse it."""
-    for u in (t, t._base):
-        if u is not None:
-            u._fastupg_overwritten = (op, u._version)
-
-
-def _refuse_overwritten(t) -> None:
-    for u in (t, getattr(t, "_base", None)):
-        mark = getattr(u, "_fastupg_overwritten", None) if u is not None else None
-        if mark is not None and mark[1] == u._version:  # (a later in-place refill by the user clears it)
-            raise ValueError(_OVERWRITTEN.format(op=mark[0]))
-
-
-def _refuse_leaf(logits: torch.Tensor, inplace: bool) -> None:
-    if inplace and logits.requires_grad and (logits.is_leaf or (logits._base is not None and logits._base.is_leaf)):
-        raise ValueError("inplace_backward=True would overwrite a leaf tensor that requires grad (or a view of one): "
-                         "its .grad would share its memory. Pass logits computed by the model (e.g. lm_head's "
-                         "output), or inplace_backward=False")
-    if inplace and logits.retains_grad:
-        raise ValueError("inplace_backward=True with logits.retain_grad(): the retained .grad would be the overwritten "
-                         "logits buffer; drop retain_grad() or pass inplace_backward=False")
-
-
-def _refuse_view(logits: torch.Tensor, inplace: bool) -> None:
-    """The fused loss returns the overwritten logits to autograd beside the loss (mark_dirty); autograd cannot do that
-    for a view of another tensor, such as a slice of model(...).logits, and would fail with an internal error."""
-    if inplace and logits.requires_grad and logits._base is not None:
-        raise ValueError("inplace_backward=True needs logits that are not a view of another tensor (a slice such as "
-                         "model(...).logits[:, p - 1:-1] is one): compute the completion positions' logits directly, "
-                         "e.g. model.lm_head(hidden[:, p - 1:-1]), or pass inplace_backward=False")
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# data checks: computed by the kernels into one int32 word, read back once ("sync"), later ("deferred") or never
-# ------------------------------------------------------------------------------------------------------------------
-CHECK_MODES = ("sync", "deferred", "off")
-_DEFERRED: list = []  # (cuda event or None, int32 tensor holding the error word, describe(code) -> message)
-
-
-def raise_deferred_checks(wait: bool = True) -> None:
-    """Raise (ValueError) the first failed data check of earlier `check="deferred"` calls.
-
-    fused_policy_loss(check="deferred") queues its checks without a host sync; they are read the next time any
-    fastupg logits op is called (those already finished: no wait) or when this function is called (wait=True waits
-    for them). Call it where you synchronize anyway (e.g. when logging metrics) to see errors promptly.
-    """
-    pending, first = list(_DEFERRED), None
-    _DEFERRED.clear()
-    for ev, word, describe in pending:
-        if ev is not None and not wait and not ev.query():
-            _DEFERRED.append((ev, word, describe))
-            continue
-        if ev is not None:
-            ev.synchronize()
-        code = int(word[0])
-        if code and first is None:
-            first = describe(code)
-    if first is not None:
-        raise ValueError(first + " (raised by a check='deferred' data check of an earlier call)")
-
-
-def _submit_checks(err: torch.Tensor, mode: str, describe) -> None:
-    if mode == "off":
-        return
-    if mode == "sync":
-        code = int(err[0])  # the one host sync of the call, after every launch was queued
-        if code:
-            raise ValueError(describe(code))
-        return
-    if err.is_cuda:
-        host = torch.empty(1, dtype=torch.int32, pin_memory=True)
-        host.copy_(err, non_blocking=True)
-        ev = torch.cuda.Event()
-        ev.record()
-        _DEFERRED.append((ev, host, describe))
-    else:
-        _DEFERRED.append((None, err, describe))
-
-
-def _describer(est: Estimator, V: int, targets: torch.Tensor):
-    name = est.name
-    ref = est.online.ref if est.online is not None else None
-
-    def describe(code: int) -> str:
-        if code & E_TARGET.value:
-            return (f"targets must lie in [0, {V}) (vocabulary size); got values in [{int(targets.min())}, "
-                    f"{int(targets.max())}] -- replace ignored positions by 0 and mask them")
-        msgs = [
-            (E_MASK, "mask must hold 0/1 (or bool) values: pass per-token weights as weight="),
-            (E_ADV, "advantages contains non-finite values (nan/inf) on tokens whose branch uses them"),
-            (E_OLD, "old_logp contains non-finite values (nan/inf)"),
-            (E_W_NONFINITE, "weight contains non-finite values (nan/inf)"),
-            (E_W_NEG, "weight must be >= 0 everywhere"),
-            (E_REF, "ref_logp contains non-finite values (nan/inf)"),
-            (E_NO_ONLINE, f"offline= marks online tokens but estimator {name!r} has no online branch"),
-            (E_NO_OFFLINE, f"offline= marks offline tokens but estimator {name!r} has no offline branch"),
-            (E_NO_OLD, f"old_logp= is required: estimator {name!r} uses ref={ref!r} on on-policy tokens (pass "
-                       "logp.detach() for a single update)"),
-            (E_LOGITS, "logits contain non-finite values (nan/inf) in a row that counts (mask != 0), or the target "
-                       "logit is -inf"),
-        ]
-        for bit, msg in msgs:
-            if code & bit.value:
-                return msg
-        return f"data check failed (code {code})"
-    return describe
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# argument checks (host only: no launch, no sync)
-# ------------------------------------------------------------------------------------------------------------------
-def resolve_estimator(estimator) -> Estimator:
-    """An Estimator, or the preset of that name (`"grpo"` -> Estimator.preset("grpo"))."""
-    if isinstance(estimator, str):
-        return Estimator.preset(estimator)
-    if not isinstance(estimator, Estimator):
-        raise TypeError(f"estimator must be a fastupg.Estimator or a preset name ({sorted(PRESETS)}), "
-                        f"got {type(estimator).__name__}")
-    return estimator
-
-
-def advantage_rule(est: Estimator) -> tuple[bool, bool, bool]:
-    """(online tokens use A = 1, offline tokens use A = 1, advantages= required): a branch whose advantage
-    component is 'one' uses A = 1 whatever advantages= holds; advantages= is needed only by the other branches."""
-    on1 = est.online is None or est.online.advantage == "one"
-    off1 = est.offline is None or est.offline.advantage == "one"
-    return on1, off1, not (on1 and off1)
-
-
-def effective_advantages(est: Estimator, advantages, shape, offline, device):
-    """advantages with the A = 1 rule applied (PyTorch; the kernels apply it in registers)."""
-    on1, off1, needed = advantage_rule(est)
-    if advantages is None:
-        if needed:
-            side, b = ("online", est.online) if not on1 else ("offline", est.offline)
-            raise ValueError(f"advantages= is required: estimator {est.name!r} uses advantage={b.advantage!r} on "
-                             f"its {side} branch")
-        return torch.ones(shape, device=device)
-    if isinstance(advantages, (int, float)) and not isinstance(advantages, bool):
-        advantages = torch.full(shape, float(advantages), device=device)
-    if not (on1 or off1) or not isinstance(advantages, torch.Tensor) or advantages.shape != shape \
-            or not advantages.is_floating_point():
-        return advantages  # (a malformed argument: policy_loss raises the error naming it)
-    if offline is None:
-        off = torch.full(shape, est.online is None, device=advantages.device)
-    else:
-        off = offline.to(advantages.device).bool()
-    ones = off if not on1 else (~off if not off1 else torch.ones_like(off))
-    return torch.where(ones, torch.ones_like(advantages), advantages)
-
-
-def check_mask_values(mask) -> None:
-    """mask holds 0/1 (or bool): a fractional mask is refused, not rounded (per-token weights go in weight=)."""
-    if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
-        raise ValueError("mask must hold 0/1 (or bool) values: pass per-token weights as weight=")
-
-
-def _check_logits_targets(logits, targets, temperature):
-    if not isinstance(logits, torch.Tensor) or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16,
-                                                                    torch.float64):
-        raise TypeError(f"logits must be a float32/bfloat16/float16 tensor, got {getattr(logits, 'dtype', logits)}")
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"logits must be (N, V) or (B, T, V), got shape {tuple(logits.shape)}")
-    if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32, torch.int16,
-                                                                      torch.uint8, torch.int8):
-        raise TypeError(f"targets must be an integer tensor, got {getattr(targets, 'dtype', type(targets))}")
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"targets has shape {tuple(targets.shape)}, expected {tuple(logits.shape[:-1])} "
-                         "(logits without the vocabulary dim)")
-    if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature != float("inf")):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-
-
-def _flat_arg(name, t, shape, device, kind=None):
-    """Shape/dtype check of a per-token argument and its flat (N,) view for the kernels (no copy when contiguous)."""
-    if t is None:
-        return None
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.shape != shape:
-        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)} (the shape of targets)")
-    if kind == "float" and not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if kind == "int" and t.is_floating_point():
-        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, the logits on {device}")
-    t = t.reshape(-1)
-    if t.dtype == torch.bool:
-        t = t.view(torch.uint8)
-    return t if t.is_contiguous() else t.contiguous()
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# launch geometry
-# ------------------------------------------------------------------------------------------------------------------
-# The fused kernel: vocabulary chunk per program, warps per program, and one launch (PHASE 0: logits read once, the
-# programs of a row meet through the workspace) or two (PHASE 1 + 2: logits read twice, no meeting). Measured on an
-# H100 (benchmarks/RESULTS.md, `bench_logits.py --tune`): the one-launch form needs 127-252 registers per thread, so
-# only 1-9 programs fit on an SM, too few bytes in flight to hide the meeting; it took 3.6-6.0 ms at 8k tokens
-# against 2.84 ms for two launches of 1024-logit chunks with one warp. So two launches are the default; one_launch=True
-# stays available (checked on the GPU by check_cuda.py). FASTUPG_LOGITS_SPLIT="chunk,warps" overrides chunk/warps.
-SPLIT = dict(chunk=1024, warps=1, one_launch=False)
-_OCCUPANCY: dict = {}  # compiled-kernel key -> programs per SM that fit at once (from its registers/shared memory)
-KERNEL_INFO: dict = {}  # (chunk, warps) -> (registers per thread, spills, programs per SM): printed by the benchmark
-
-
-def _split_config(V: int, block_v: int | None) -> tuple[int, int]:
-    env = os.environ.get("FASTUPG_LOGITS_SPLIT")
-    chunk, warps = (int(v) for v in env.split(",")) if env else (SPLIT["chunk"], SPLIT["warps"])
-    chunk = min(block_v or chunk, _pow2(V))
-    return chunk, warps
-
-
-def _pow2(n: int) -> int:
-    return 1 << (int(n) - 1).bit_length()
-
-
-_N_SM: dict = {}
-
-
-def _sm_count(dev: torch.device) -> int:
-    if dev.index not in _N_SM:
-        _N_SM[dev.index] = torch.cuda.get_device_properties(dev).multi_processor_count
-    return _N_SM[dev.index]
-
-
-def _single_launch_ok(dev: torch.device) -> bool:
-    """The one-launch (PHASE 0) kernel needs every program of a row resident at once: compiled CUDA code only."""
-    return dev.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1" and SPLIT["one_launch"] and \
-        os.environ.get("FASTUPG_LOGITS_TWO_PASS", "0") != "1"
-
-
-def _programs_per_sm(compiled, warps: int) -> int:
-    """Blocks of this compiled kernel that fit on one SM at once (registers, shared memory, threads)."""
-    from triton.runtime import driver  # noqa: PLC0415
-    props = driver.active.utils.get_device_properties(torch.cuda.current_device())
-    regs_warp = -(-compiled.n_regs * 32 // 256) * 256  # registers are allocated per warp in units of 256
-    by_regs = props["max_num_regs"] // (regs_warp * warps)
-    by_smem = props["max_shared_mem"] // max(compiled.metadata.shared + 1024, 1)
-    return max(1, min(by_regs, by_smem, 2048 // (32 * warps), 32))
-
-
-# ------------------------------------------------------------------------------------------------------------------
 # fused-loss layer
 # ------------------------------------------------------------------------------------------------------------------
-def _codes(b, default_ref="policy"):
-    if b is None:
-        return _REF[default_ref], 0
-    return _REF[b.ref], _MASK[b.mask]
+def fused_policy_loss(logits: torch.Tensor, targets: torch.Tensor, estimator: Estimator | str, *, advantages=None,
+                      old_logp=None, mask=None, offline=None, seq_ids=None, weight=None, ref_logp=None,
+                      temperature: float = 1.0, agg: str | None = None, inplace_backward: bool = False,
+                      check: str = "sync", block_v: int | None = None):
+    """The unified policy loss straight from logits (N, V) or (B, T, V); returns (loss, metrics) like policy_loss.
 
+    estimator: an Estimator or a preset name ("grpo"). Per-token arguments have the shape of `targets` (see
+    `fastupg.policy_loss`); mask holds 0/1 (a fractional mask is refused: weights go in weight=); a branch whose
+    advantage component is 'one' (SFT) uses A = 1 on its tokens, and advantages= may be omitted when no branch needs
+    it. Masked rows (mask 0) are not read: whatever they hold (nan included) gives zero loss and zero gradient.
+    The entropy bonus and the metrics use the entropy computed in the kernel.
 
-def _launch_rows(z, sb, st, TR, grad, gsb, gst, tgt, N, V, est, *, adv, adv_scalar, old, ref, scale, info,
-                 temperature, write_grad, a_one, block_v, arrivals=None):
-    """The main kernel over N rows: returns per-token (ell, logp, ent, ratio, kl, flags)."""
-    dev = z.device
-    chunk, warps = _split_config(V, block_v)
-    K = -(-V // chunk)
-    f32 = dict(dtype=torch.float32, device=dev)
-    tok = torch.empty(5, N, **f32)
-    ell, logp, ent, ratio, kl = tok.unbind(0)
-    flags = torch.empty(N, dtype=torch.int32, device=dev)
-    ws = torch.empty(max(N, 1) * K * 4, **f32)
-    if N == 0:
-        return ell, logp, ent, ratio, kl, flags
-    on_ref, on_mask = _codes(est.online)
-    off_ref, off_mask = _codes(est.offline)
-    kl_est = _KL[est.kl_estimator] if ref is not None else 0
-    meta = dict(V=V, CHUNK=chunk, K=K, KP=_pow2(K), WRITE_GRAD=write_grad,
-                ON_REF=on_ref, ON_MASK=on_mask, OFF_REF=off_ref, OFF_MASK=off_mask, ON_A1=a_one[0], OFF_A1=a_one[1],
-                HAS_ADV=adv is not None, HAS_OLD=old is not None, DUAL=est.dual_clip is not None, KL_EST=kl_est,
-                KL_ON=est.kl_coef != 0, HAS_ENT=est.entropy_coef != 0, num_warps=warps)
-    dummy = scale
-    args = [z, sb, st, TR, grad if write_grad else z, gsb, gst, tgt,
-            adv if adv is not None else dummy, old if old is not None else dummy, ref if ref is not None else dummy,
-            scale, info, ell, logp, ent, ratio, kl, flags, ws]
-    scal = [1.0 / temperature, float(adv_scalar), float(est.eps_low), float(est.eps_high),
-            float(est.dual_clip or 0.0), float(est.gamma), float(est.entropy_coef), float(est.kl_coef)]
-    if _single_launch_ok(dev):
-        key = (dev.index, z.dtype, grad.dtype if write_grad else None, tuple(sorted(meta.items())))
-        per_sm = _OCCUPANCY.get(key, 1)  # first call: one program per SM always fits; then the measured occupancy
-        G = min((_sm_count(dev) * per_sm) // K, N)
-        if G >= 1:
-            cnt = arrivals if arrivals is not None else torch.zeros(N, dtype=torch.int32, device=dev)
-            ck = _fused_kernel[(G * K,)](*args[:-1], ws, cnt, N, -(-N // G), *scal, PHASE=0, **meta)
-            if key not in _OCCUPANCY:
-                try:
-                    _OCCUPANCY[key] = _programs_per_sm(ck, warps)
-                    KERNEL_INFO[(chunk, warps)] = (ck.n_regs, ck.n_spills, _OCCUPANCY[key])
-                except Exception as e:  # noqa: BLE001  (no resource report: one program per SM, always resident)
-                    _OCCUPANCY[key] = 1
-                    KERNEL_INFO[(chunk, warps)] = f"no resource report ({type(e).__name__}: {e}); 1 program per SM"
-            return ell, logp, ent, ratio, kl, flags
-    G = N if dev.type == "cuda" else min(N, 64)  # (no co-residency needed: one program per chunk on a GPU)
-    cnt = torch.empty(1, dtype=torch.int32, device=dev)  # (unused by PHASE 1/2)
-    for phase in (1, 2):
-        _fused_kernel[(G * K,)](*args[:-1], ws, cnt, N, -(-N // G), *scal, PHASE=phase, **meta)
-    return ell, logp, ent, ratio, kl, flags
-
-
-def loss_and_grad_rows(logits2d: torch.Tensor, targets1d: torch.Tensor, estimator: Estimator, x: dict,
-                       temperature: float, grad_out: torch.Tensor | None = None, block_v: int | None = None,
-                       checks: list | None = None):
-    """Row-level building block: per-token loss ell_t, log-prob, entropy, and grad = d(sum_t scale_t ell_t)/d logits.
-
-    `x` is the dict of `fastupg.estimator.prepare_inputs` for these rows plus key `scale` (s_t * w_t, float32); its
-    advantages are used as given (the A = 1 rule of 'one' branches is fastupg.estimator's business here; x["adv"]
-    None means A = 1 everywhere).
-    Rows with x["mask"] false (or, without a mask, scale 0) get a zero gradient and zero outputs.
-    grad is written into `grad_out` when given (it may be `logits2d` itself). Returns (ell, logp, entropy, grad, aux)
-    with aux = (flags (M, 3): clip low/high/dual, ratio (M,)). The non-finite-logits check is appended to `checks`
-    when given (see fastupg.estimator.raise_failed_checks), else run here.
+    inplace_backward=True stores the gradient in the logits buffer during this call (no second N x V buffer). It is
+    declared to autograd (mark_dirty): an earlier use of the logits that autograd saved raises at backward, a later
+    differentiable use raises at backward, fastupg ops refuse the overwritten logits, and a leaf that requires grad is
+    refused. check="sync" (default) raises bad data (targets out of range, nan advantages, ...) before returning, at
+    the cost of one host sync; "deferred" queues the check without a sync and raises at a later fastupg call or at
+    `raise_deferred_checks()`; "off" skips reading it. An all-masked batch gives a zero loss with a zero gradient.
+    On the GPU: four launches (prep, loss+gradient x 2, metrics), no host sync unless check="sync".
     """
-    if estimator.sequence_level:
-        raise ValueError(f"estimator {estimator.name!r} is sequence-level: use token_logprobs + fastupg.policy_loss")
-    z, t = logits2d, targets1d.to(torch.int64).contiguous()
-    if z.stride(-1) != 1:
-        z = z.contiguous()
-    M, V = z.shape
-    dev = z.device
-    grad = torch.empty_like(z) if grad_out is None else grad_out
-    scale = x["scale"].to(device=dev, dtype=torch.float32).contiguous()
-    counted = x["mask"].bool() if x.get("mask") is not None else scale != 0
-    info = (counted.to(torch.int8) + 2 * x["offline"].to(torch.int8)).contiguous()
-    f = lambda v: None if v is None else v.to(device=dev, dtype=torch.float32).contiguous()  # noqa: E731
-    ref = x.get("ref") if estimator.kl_coef != 0 else None
-    ell, logp, ent, ratio, _, flags = _launch_rows(
-        z, z.stride(0), 0, 1, grad, grad.stride(0), 0, t, M, V, estimator, adv=f(x["adv"]), adv_scalar=1.0,
-        old=f(x["old"]), ref=f(ref), scale=scale, info=info, temperature=temperature, write_grad=True,
-        a_one=(False, False), block_v=block_v)
-    check = ((flags & E_LOGITS.value) != 0).any(), "logits contain non-finite values (nan/inf) (or the target " \
-                                                    "logit is -inf)"
-    if checks is None:
-        raise_failed_checks([check])
+    est = resolve_estimator(estimator)
+    if check not in CHECK_MODES:
+        raise ValueError(f"check must be one of {list(CHECK_MODES)}, got {check!r}")
+    _refuse_overwritten(logits)
+    _check_logits_targets(logits, targets, temperature)
+    kw = dict(advantages=advantages, old_logp=old_logp, mask=mask, offline=offline, seq_ids=seq_ids, weight=weight,
+              ref_logp=ref_logp)
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    inplace = bool(inplace_backward) and need_grad
+    _refuse_leaf(logits, inplace)
+    _refuse_view(logits, inplace)
+    triton = use_triton(logits)
+    if triton:
+        raise_deferred_checks(wait=False)
+    if est.sequence_level and (triton or inplace):
+        return _through_token_logprobs(logits, targets, est, kw, temperature, agg, inplace, block_v)
+    if not triton:
+        return _fused_reference(logits, targets, est, kw, temperature, agg, inplace)
+    a = _prepare_args(est, logits, targets, kw, agg)
+    if inplace and logits.stride(-1) != 1:
+        inplace = False  # the kernel works on a contiguous copy: the caller's logits are not written
+    state = {}
+
+    def run():
+        res = _fused_triton(logits, targets, est, a, float(temperature), agg, need_grad, inplace, block_v)
+        state["res"] = res
+        return res.loss, res.grad, res.geom
+
+    if need_grad:
+        out = _FusedPolicyLoss.apply(logits, run, inplace)
+        loss = out[0] if inplace else out
     else:
-        checks.append(check)
-    flags3 = torch.stack([(flags >> i) & 1 for i in range(3)], 1).float()
-    return ell, logp, ent, grad, (flags3, ratio)
+        run()
+        loss = state["res"].loss
+    res = state["res"]
+    metrics = dict(res.metrics)
+    metrics["loss"] = loss.detach()
+    if inplace:
+        _mark_overwritten(logits, "fused_policy_loss")
+    _submit_checks(res.err, check, _describer(est, logits.shape[-1], targets))
+    return loss, metrics
+
+
+def _through_token_logprobs(logits, targets, est, kw, temperature, agg, inplace, block_v):
+    """Sequence-level estimators (GSPO): token_logprobs + fastupg.policy_loss (its prepare_inputs applies the A = 1
+    rule of 'one' branches), on the Triton path and, with inplace_backward=True, on the PyTorch path (without it the
+    PyTorch path is fused_policy_loss_ref, the same computation)."""
+    check_mask_values(kw["mask"])  # before token_logprobs may overwrite the logits (policy_loss would refuse it after)
+    logp, ent = token_logprobs(logits, targets, temperature, return_entropy=True, inplace_backward=inplace,
+                               block_v=block_v)
+    return policy_loss(logp, est, entropy=ent, agg=agg, **kw)
+
+
+def _fused_reference(logits, targets, est, kw, temperature, agg, inplace):
+    """Plain-PyTorch path (no CUDA, no interpreter), with the same semantics; inplace_backward honoured: the
+    gradient is computed with the loss and written into the logits, declared to autograd as on the GPU."""
+    if not inplace:
+        return reference.fused_policy_loss_ref(logits, targets, est, temperature=temperature, agg=agg, **kw)
+    state = {}
+
+    def run():
+        loss, state["met"], grad = reference.fused_policy_loss_grad_ref(logits, targets, est,
+                                                                        temperature=temperature, agg=agg, **kw)
+        logits.copy_(grad)
+        return loss, None, (targets.numel(), logits.shape[-1], None, None, None)
+
+    loss, _ = _FusedPolicyLoss.apply(logits, run, True)
+    _mark_overwritten(logits, "fused_policy_loss")
+    met = state["met"]
+    met["loss"] = loss.detach()
+    return loss, met
 
 
 class _FusedPolicyLoss(torch.autograd.Function):
@@ -1091,221 +204,8 @@ class _FusedPolicyLoss(torch.autograd.Function):
 
 
 def _rescale(buf: torch.Tensor, g: torch.Tensor, geom) -> None:
-    N, V, sb, st, TR = geom
-    if not use_triton(buf):
-        if float(g) != 1.0:
-            buf.mul_(g.to(buf.dtype))
-        return
-    if N == 0:
-        return
-    if buf.is_cuda:
-        progs = min(N, 4 * _sm_count(buf.device))
-    else:
-        progs = min(N, 4)
-    _rescale_kernel[(progs,)](buf, sb, st, TR, N, g.float().reshape(1), V=V,
-                              BLOCK=min(4096, _pow2(V)), num_warps=8)
-
-
-class _Result:
-    __slots__ = ("loss", "grad", "geom", "metrics", "err")
-
-
-def _fused_triton(logits, targets, est: Estimator, a: dict, temperature: float, agg, need_grad: bool,
-                  inplace: bool, block_v) -> _Result:
-    """prep kernel -> main kernel (one or two launches) -> finalize kernel, no host sync."""
-    dev = logits.device
-    V = logits.shape[-1]
-    z = logits if logits.stride(-1) == 1 else logits.contiguous()
-    if z.dim() == 3:
-        TR, sb, st = z.shape[1], z.stride(0), z.stride(1)
-    else:
-        TR, sb, st = 1, z.stride(0), 0
-    N = targets.numel()
-    if need_grad and inplace:
-        grad, gsb, gst = z, sb, st
-    elif need_grad:
-        grad = torch.empty((N, V), dtype=z.dtype, device=dev)
-        gsb, gst = V, 0
-        if TR > 1:
-            gsb, gst = TR * V, V
-    else:
-        grad, gsb, gst = z, sb, st
-    f32 = dict(dtype=torch.float32, device=dev)
-    scale = torch.empty(N, **f32)
-    info = torch.empty(N, dtype=torch.int8, device=dev)
-    cnt_err = torch.empty(N + 1, dtype=torch.int32, device=dev)
-    err = cnt_err[N:]
-    out = torch.empty(11, **f32)
-    mode = agg or est.agg
-    two_d = targets.dim() == 2
-    R, T = (targets.shape[0], targets.shape[1]) if two_d else (1, N)
-    modes = [mode] if est.offline_agg is None else [mode, est.offline_agg]
-    seq_modes = [m for m in modes if m.startswith("seq-mean")]
-    s_given = None
-    if seq_modes and (a["seq_ids"] is not None):  # arbitrary sequence ids: PyTorch (torch.unique) computes s_t
-        m_bool = a["mask"].bool() if a["mask"] is not None else torch.ones(N, dtype=torch.bool, device=dev)
-        off_bool = a["offline"].bool() if a["offline"] is not None else \
-            torch.full((N,), est.online is None, dtype=torch.bool, device=dev)
-        s_given = aggregation_weights(est, m_bool, off_bool, a["seq_ids"], agg, T if two_d else None).float()
-    norm = est.agg_norm if est.agg_norm is not None else (T if two_d else 1.0)
-    has_on, has_off = est.online is not None, est.offline is not None
-    dummy = scale
-    _prep_kernel[(1,)](
-        a["mask"] if a["mask"] is not None else dummy, a["offline"] if a["offline"] is not None else dummy,
-        a["weight"] if a["weight"] is not None else dummy, s_given if s_given is not None else dummy,
-        scale, info, cnt_err, err, R, T, float(norm),
-        float(est.online.coef) if has_on else 0.0, float(est.offline.coef) if has_off else 0.0,
-        HAS_MASK=a["mask"] is not None, HAS_OFF=a["offline"] is not None, OFF_DEFAULT=int(not has_on),
-        HAS_W=a["weight"] is not None, S_GIVEN=s_given is not None, SPLIT=est.offline_agg is not None,
-        MODE=_AGG[mode], MODE_OFF=_AGG[est.offline_agg or mode], HAS_ON_BRANCH=has_on, HAS_OFF_BRANCH=has_off,
-        NEED_OLD=has_on and est.online.needs_old and a["old"] is None, BLOCK=1024, num_warps=4)
-    on1, off1, _ = advantage_rule(est)
-    adv = a["adv"]
-    ell, logp, ent, ratio, kl, flags = _launch_rows(
-        z, sb, st, TR, grad, gsb, gst, a["targets"], N, V, est, adv=adv if isinstance(adv, torch.Tensor) else None,
-        adv_scalar=adv if isinstance(adv, float) else 1.0, old=a["old"], ref=a["ref"], scale=scale, info=info,
-        temperature=temperature, write_grad=need_grad, a_one=(on1, off1), block_v=block_v, arrivals=cnt_err[:N])
-    loss = torch.empty((), **f32)
-    _finalize_kernel[(1,)](info, scale, ell, ent, ratio, kl, flags, out, loss, err, N,
-                           USES_RATIO=has_on and est.online.ref != "policy", HAS_REF=a["ref"] is not None,
-                           BLOCK=1024, num_warps=4)
-    res = _Result()
-    res.loss, res.err = loss, err
-    res.grad = grad if need_grad else None
-    res.geom = (N, V, gsb, gst, TR) if need_grad else None
-    res.metrics = {"loss": loss, **{k: out[i] for i, k in enumerate(METRIC_KEYS)}}
-    return res
-
-
-def fused_policy_loss(logits: torch.Tensor, targets: torch.Tensor, estimator: Estimator | str, *, advantages=None,
-                      old_logp=None, mask=None, offline=None, seq_ids=None, weight=None, ref_logp=None,
-                      temperature: float = 1.0, agg: str | None = None, inplace_backward: bool = False,
-                      check: str = "sync", block_v: int | None = None):
-    """The unified policy loss straight from logits (N, V) or (B, T, V); returns (loss, metrics) like policy_loss.
-
-    estimator: an Estimator or a preset name ("grpo"). Per-token arguments have the shape of `targets` (see
-    `fastupg.policy_loss`); mask holds 0/1 (a fractional mask is refused: weights go in weight=); a branch whose
-    advantage component is 'one' (SFT) uses A = 1 on its tokens, and advantages= may be omitted when no branch needs
-    it. Masked rows (mask 0) are not read: whatever they hold (nan included) gives zero loss and zero gradient.
-    The entropy bonus and the metrics use the entropy computed in the kernel.
-
-    inplace_backward=True stores the gradient in the logits buffer during this call (no second N x V buffer). It is
-    declared to autograd (mark_dirty): an earlier use of the logits that autograd saved raises at backward, a later
-    differentiable use raises at backward, fastupg ops refuse the overwritten logits, and a leaf that requires grad is
-    refused. check="sync" (default) raises bad data (targets out of range, nan advantages, ...) before returning, at
-    the cost of one host sync; "deferred" queues the check without a sync and raises at a later fastupg call or at
-    `raise_deferred_checks()`; "off" skips reading it. An all-masked batch gives a zero loss with a zero gradient.
-    On the GPU: four launches (prep, loss+gradient x 2, metrics), no host sync unless check="sync".
-    """
-    est = resolve_estimator(estimator)
-    if check not in CHECK_MODES:
-        raise ValueError(f"check must be one of {list(CHECK_MODES)}, got {check!r}")
-    _refuse_overwritten(logits)
-    _check_logits_targets(logits, targets, temperature)
-    kw = dict(advantages=advantages, old_logp=old_logp, mask=mask, offline=offline, seq_ids=seq_ids, weight=weight,
-              ref_logp=ref_logp)
-    need_grad = torch.is_grad_enabled() and logits.requires_grad
-    inplace = bool(inplace_backward) and need_grad
-    _refuse_leaf(logits, inplace)
-    _refuse_view(logits, inplace)
-    if not use_triton(logits):
-        return _fused_reference(logits, targets, est, kw, temperature, agg, inplace)
-    raise_deferred_checks(wait=False)
-    if est.sequence_level:
-        check_mask_values(mask)  # before token_logprobs may overwrite the logits (policy_loss would refuse it after)
-        logp, ent = token_logprobs(logits, targets, temperature, return_entropy=True, inplace_backward=inplace,
-                                   block_v=block_v)
-        from fastupg.estimator import policy_loss  # (its prepare_inputs applies the A = 1 rule of 'one' branches)
-        return policy_loss(logp, est, entropy=ent, agg=agg, **kw)
-    a = _prepare_args(est, logits, targets, kw, agg)
-    if inplace and logits.stride(-1) != 1:
-        inplace = False  # the kernel works on a contiguous copy: the caller's logits are not written
-    state = {}
-
-    def run():
-        res = _fused_triton(logits, targets, est, a, float(temperature), agg, need_grad, inplace, block_v)
-        state["res"] = res
-        return res.loss, res.grad, res.geom
-
-    if need_grad:
-        out = _FusedPolicyLoss.apply(logits, run, inplace)
-        loss = out[0] if inplace else out
-    else:
-        run()
-        loss = state["res"].loss
-    res = state["res"]
-    metrics = dict(res.metrics)
-    metrics["loss"] = loss.detach()
-    if inplace:
-        _mark_overwritten(logits, "fused_policy_loss")
-    _submit_checks(res.err, check, _describer(est, logits.shape[-1], targets))
-    return loss, metrics
-
-
-def _prepare_args(est: Estimator, logits, targets, kw, agg) -> dict:
-    """Host-side argument checks of fastupg.estimator.prepare_inputs (shapes, dtypes, what the estimator needs) and
-    flat views for the kernels; the value checks run in the kernels."""
-    shape, dev = targets.shape, logits.device
-    mode = agg or est.agg
-    if mode not in _AGG:
-        raise ValueError(f"policy_loss.agg={mode!r} is not one of {list(_AGG)}")
-    modes = [mode] if est.offline_agg is None else [mode, est.offline_agg]
-    norm_modes = [m for m in modes if m.endswith("token-sum-norm")]
-    if norm_modes and est.agg_norm is None and targets.dim() != 2:
-        raise ValueError(f"agg={norm_modes[0]!r} needs Estimator.agg_norm (or 2-D log-probs, whose "
-                         "padded length is the default constant)")
-    if any(m.startswith("seq-mean") for m in modes) and kw["seq_ids"] is None \
-            and targets.dim() != 2:
-        raise ValueError(f"agg={modes} needs seq_ids= (or 2-D log-probs, one row per sequence)")
-    _, _, needed = advantage_rule(est)
-    adv = kw["advantages"]
-    if adv is None and needed:
-        effective_advantages(est, None, shape, None, dev)  # raises the error naming what needs it
-    if isinstance(adv, (int, float)) and not isinstance(adv, bool):
-        adv = float(adv)
-        if adv != adv or abs(adv) == float("inf"):
-            raise ValueError("advantages contains non-finite values (nan/inf)")
-    else:
-        adv = _flat_arg("advantages", adv, shape, dev, "float")
-    if est.kl_coef != 0 and kw["ref_logp"] is None:
-        raise ValueError("ref_logp= is required when Estimator.kl_coef != 0")
-    a = dict(adv=adv, targets=_flat_arg("targets", targets, shape, dev),
-             old=_flat_arg("old_logp", kw["old_logp"], shape, dev, "float"),
-             weight=_flat_arg("weight", kw["weight"], shape, dev, "float"),
-             ref=_flat_arg("ref_logp", kw["ref_logp"], shape, dev, "float"),
-             mask=_flat_arg("mask", kw["mask"], shape, dev),
-             offline=_flat_arg("offline", kw["offline"], shape, dev),
-             seq_ids=_flat_arg("seq_ids", kw["seq_ids"], shape, dev, "int"))
-    if a["mask"] is not None and a["mask"].dtype == torch.float64:
-        a["mask"] = a["mask"].float()  # (0/1 checked in the kernel)
-    return a
-
-
-def _fused_reference(logits, targets, est, kw, temperature, agg, inplace):
-    """Plain-PyTorch path (no CUDA, no interpreter), with the same semantics; inplace_backward honoured: the
-    gradient is computed with the loss and written into the logits, declared to autograd as on the GPU."""
-    if not inplace:
-        return reference.fused_policy_loss_ref(logits, targets, est, temperature=temperature, agg=agg, **kw)
-    if est.sequence_level:
-        check_mask_values(kw["mask"])  # before the logits are overwritten
-        logp, ent = token_logprobs(logits, targets, temperature, return_entropy=True, inplace_backward=True)
-        from fastupg.estimator import policy_loss  # (its prepare_inputs applies the A = 1 rule)
-        return policy_loss(logp, est, entropy=ent, agg=agg, **kw)
-    state = {}
-
-    def run():
-        with torch.enable_grad():
-            zl = logits.detach().requires_grad_()
-            loss, met = reference.fused_policy_loss_ref(zl, targets, est, temperature=temperature, agg=agg, **kw)
-            (grad,) = torch.autograd.grad(loss, zl)
-        logits.copy_(grad)
-        state["met"] = met
-        V = logits.shape[-1]
-        geom = (targets.numel(), V, None, None, None)
-        return loss.detach(), None, geom
-
-    loss, _ = _FusedPolicyLoss.apply(logits, run, True)
-    _mark_overwritten(logits, "fused_policy_loss")
-    met = state["met"]
-    met["loss"] = loss.detach()
-    return loss, met
+    """The saved gradient times the upstream gradient g, in place (on the device, no host sync, on the Triton path)."""
+    if use_triton(buf):
+        rescale_rows(buf, g, geom)
+    elif float(g) != 1.0:
+        buf.mul_(g.to(buf.dtype))

@@ -43,7 +43,7 @@ def _batch(name, B=3, T=8, V=1000, dtype=torch.float32, seed=0, **over):
     return est, logits, targets, kw
 
 
-def _check(est, logits, targets, kw, tol, agg=None, inplace=False):
+def _check(est, logits, targets, kw, tol, agg=None, inplace=False, block_v=SMALL):
     ref_in = logits.double().requires_grad_()
     loss_r, met_r = fused_policy_loss_ref(ref_in, targets, est, temperature=0.7, agg=agg, **kw)
     loss_r.backward()
@@ -53,9 +53,10 @@ def _check(est, logits, targets, kw, tol, agg=None, inplace=False):
         z = logits.clone().requires_grad_()
         src = z * 1  # non-leaf buffer the kernel may overwrite
     loss, met = fused_policy_loss(src, targets, est, temperature=0.7, agg=agg, inplace_backward=inplace,
-                                  block_v=SMALL, **kw)
+                                  block_v=block_v, **kw)
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert bool((z.grad[~kw["mask"]] == 0).all())  # masked rows: zero gradient
     # the loss is a sum of signed terms that may cancel: measure its error against the size of the terms
     m = kw["mask"].double()
     term = (kw["advantages"].abs().double() * m).sum() / m.sum()
@@ -72,24 +73,46 @@ TOKEN_PRESETS = [n for n, e in PRESETS.items() if not e.sequence_level]
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_fp32(name):
-    est, logits, targets, kw = _batch(name)
+    """Every preset with an entropy bonus and a KL term on top (both branches of the hybrid ones)."""
+    est, logits, targets, kw = _batch(name, entropy_coef=0.01, kl_coef=0.05)
+    if est.sequence_level:
+        # GSPO's sequence ratios must straddle its tiny clip range (3e-4 / 4e-4): small per-token perturbations
+        # (here one sequence inside the range, one above, one below)
+        lp = torch.log_softmax(logits.double() / 0.7, -1).gather(-1, targets[..., None])[..., 0]
+        kw["old_logp"] = (lp + torch.randn(lp.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+                          * 2e-3).float()
     met = _check(est, logits, targets, kw, 1e-5)
     e = PRESETS[name]
     if e.online is not None and e.online.mask == "clip" and e.online.ref == "old":
         assert met["clip_ratio/low"] > 0 and met["clip_ratio/high"] > 0
+    if est.sequence_level:
+        assert 0 < met["clip_ratio/low"] + met["clip_ratio/high"] < 1  # some sequences clipped, some not
 
 
-@pytest.mark.parametrize("name", ["grpo", "luffy", "hpt"])
+@pytest.mark.parametrize("name", ["grpo", "luffy", "hpt", "cispo", "sft"])
 def test_bf16(name):
-    est, logits, targets, kw = _batch(name, dtype=torch.bfloat16, seed=1)
+    est, logits, targets, kw = _batch(name, dtype=torch.bfloat16, seed=1, entropy_coef=0.01)
     _check(est, logits, targets, kw, 2e-2)
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
                                  "seq-mean-token-sum-norm", "token-sum-norm", "token-sum"])
-def test_aggregation_modes(agg):
-    est, logits, targets, kw = _batch("srft", seed=2)
+@pytest.mark.parametrize("layout", ["batch", "flat"])
+def test_aggregation_modes(agg, layout):
+    """batch: (B, T, V) logits, one sequence per row (the prep kernel counts the sequences); flat: (N, V) logits with
+    seq_ids= whose sequences cross the rows (the weights come from fastupg.estimator) and Estimator.agg_norm."""
+    est, logits, targets, kw = _batch("srft", seed=2, **({"agg_norm": 50.0} if layout == "flat" else {}))
+    if layout == "flat":
+        logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+        kw = {k: v.reshape(-1) for k, v in kw.items()}
+        kw["seq_ids"] = torch.arange(targets.numel()) // 5
     _check(est, logits, targets, kw, 1e-5, agg=agg)
+
+
+def test_gpt2_vocab_default_block():
+    """An odd vocabulary (GPT-2's 50257) at the default vocabulary block (a masked tail in the last chunk)."""
+    est, logits, targets, kw = _batch("hpt", B=3, T=4, V=50257, seed=5)
+    _check(est, logits, targets, kw, 1e-5, block_v=None)
 
 
 @pytest.mark.parametrize("kl", ["k1", "k2", "k3"])
@@ -152,6 +175,8 @@ def test_bad_inputs():
         fused_policy_loss(logits, targets[:, :-1], est, **kw)
     with pytest.raises(ValueError, match="old_logp"):
         fused_policy_loss(logits, targets, est, **{**kw, "old_logp": None})
+    with pytest.raises(ValueError, match="advantages has shape"):
+        fused_policy_loss(logits, targets, est, **{**kw, "advantages": kw["advantages"][:, :3]})
     bad = dict(kw)
     bad["advantages"] = kw["advantages"].clone()
     bad["advantages"][0, 0] = float("nan")

@@ -32,20 +32,20 @@ def test_values_and_grads(dtype, tol, T):
 
 def test_logp_only_strided_and_inplace():
     g = torch.Generator().manual_seed(1)
-    base = torch.randn(20, 1100, generator=g)
+    base = torch.randn(20, 1100, generator=g) * 3
     logits = base[::2, :1000]  # non-contiguous rows, unit last stride
     y = torch.randint(0, 1000, (10,), generator=g)
     gl = torch.randn(10, generator=g)
     zr = logits.double().requires_grad_()
-    (token_logprobs_ref(zr, y) * gl).sum().backward()
+    (token_logprobs_ref(zr, y, 0.7) * gl).sum().backward()
     leaf = logits.clone().requires_grad_()
     buf = leaf * 1.0
-    (token_logprobs(buf, y, block_v=SMALL) * gl).sum().backward()
+    (token_logprobs(buf, y, 0.7, block_v=SMALL) * gl).sum().backward()
     assert _relerr(leaf.grad, zr.grad) < 1e-5
     leaf2 = base.clone().requires_grad_()
     view = (leaf2 * 1.0)[::2, :1000]
-    lp = token_logprobs(view, y, inplace_backward=True, block_v=SMALL)
-    assert _relerr(lp, token_logprobs_ref(logits.double(), y)) < 1e-5
+    lp = token_logprobs(view, y, 0.7, inplace_backward=True, block_v=SMALL)
+    assert _relerr(lp, token_logprobs_ref(logits.double(), y, 0.7)) < 1e-5
     (lp * gl).sum().backward()
     assert _relerr(leaf2.grad[::2, :1000], zr.grad) < 1e-5
     assert bool((leaf2.grad[1::2] == 0).all())
@@ -109,3 +109,27 @@ def test_inplace_backward_visible_to_autograd(path, monkeypatch):
         token_logprobs(z, y)
     with pytest.raises(ValueError, match="leaf"):
         token_logprobs(logits.clone().requires_grad_(), y, inplace_backward=True)
+
+
+@pytest.mark.parametrize("impl", ["torch", "chunked"])
+def test_minus_inf_logits_give_finite_entropy_on_every_pytorch_path(impl, monkeypatch):
+    """log_softmax_stats, the one log-softmax reference, adds 0 (not 0 * -inf = nan) for a banned token (-inf
+    logit); the fused-linear PyTorch paths, which computed their own p log p before, now call it (a -inf bias entry
+    gave a nan entropy there)."""
+    from fastupg.kernels.fused_linear import fused_linear_logprobs
+    from fastupg.kernels.torch_reference import log_softmax_stats
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the chunked impl's PyTorch chunks
+    g = torch.Generator().manual_seed(4)
+    h, w = torch.randn(5, 8, generator=g, dtype=torch.float64), torch.randn(37, 8, generator=g, dtype=torch.float64)
+    bias = torch.zeros(37, dtype=torch.float64)
+    bias[[3, 20]] = float("-inf")
+    y = torch.randint(4, 20, (5,), generator=g)
+    z = (h @ w.t() + bias) / 0.7
+    keep = torch.isfinite(bias)
+    lq = torch.log_softmax(z[:, keep], -1)  # the same distribution without the banned tokens
+    want_ent = -(lq.exp() * lq).sum(-1)
+    want_lp = torch.log_softmax(z, -1).gather(-1, y[:, None])[:, 0]
+    lp, _, ent = log_softmax_stats(z, y, return_entropy=True)
+    assert _relerr(lp, want_lp) < 1e-12 and _relerr(ent, want_ent) < 1e-12
+    lp, ent = fused_linear_logprobs(h, w, y, 0.7, return_entropy=True, bias=bias, impl=impl)
+    assert _relerr(lp, want_lp) < 1e-12 and _relerr(ent, want_ent) < 1e-12

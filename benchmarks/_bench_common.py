@@ -1,0 +1,66 @@
+"""Written once, used by several benchmark scripts and pytest-benchmark suites in benchmarks/ (torch only)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+class NonLeafAlias(torch.autograd.Function):
+    """A non-leaf alias of a leaf (what lm_head hands a loss), so inplace_backward=True is allowed on it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+alias = NonLeafAlias.apply
+
+
+def quick_mode() -> bool:
+    """pytest-benchmark suites: tiny sizes on the CPU paths without CUDA or with FASTUPG_BENCH_QUICK=1."""
+    return os.environ.get("FASTUPG_BENCH_QUICK") == "1" or not torch.cuda.is_available()
+
+
+class OneAtATime:
+    """A cache of benchmark problems that keeps one alive at a time (GPU memory): get(key, make) builds it once."""
+
+    def __init__(self):
+        self._held: dict = {}
+
+    def get(self, key, make):
+        if key not in self._held:
+            self._held.clear()
+            self._held[key] = make()
+        return self._held[key]
+
+
+def time_step(benchmark, step, cuda: bool, rounds: int) -> None:
+    """pytest-benchmark: time step() (and a CUDA sync) `rounds` times after one warm-up; the median in ms goes to
+    extra_info["total_ms"] (what plot_bench.py reads)."""
+    def timed():
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["total_ms"] = benchmark.stats.stats.median * 1e3
+
+
+def run_suite_quick(suite: str, select: str, json_out) -> dict:
+    """Run the pytest-benchmark suite benchmarks/<suite> in quick mode (FASTUPG_BENCH_QUICK=1, tests chosen by
+    `pytest -k select`) in a fresh interpreter; returns its --benchmark-json document (CI checks of the suites)."""
+    import json
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, FASTUPG_BENCH_QUICK="1", PYTHONPATH=os.path.dirname(here))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(here, suite),
+                        "-k", select, f"--benchmark-json={json_out}"], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    with open(json_out) as f:
+        return json.load(f)
