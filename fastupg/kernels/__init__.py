@@ -1,4 +1,4 @@
-"""fastupg.kernels: fused Triton kernels for the unified policy loss. Depends on torch, triton and fastupg.estimator.
+"""fastupg.kernels: fused Triton kernels for the unified policy loss. Depends on torch and triton only.
 
 Log-prob layer (differentiable; any estimator, GSPO included, through fastupg.policy_loss):
     token_logprobs(logits, targets, temperature=1.0, return_entropy=False)

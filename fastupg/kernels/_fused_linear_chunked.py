@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from fastupg.estimator import Estimator, aggregation_weights, policy_loss, prepare_inputs, raise_failed_checks
+from fastupg.kernels.estimator import Estimator, aggregation_weights, policy_loss, prepare_inputs, raise_failed_checks
 from fastupg.kernels._fused_linear_common import FusedLinearOptions, _stat_dtype
 from fastupg.kernels.logits import use_triton
 from fastupg.kernels.torch_reference import log_softmax_stats

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from fastupg.estimator import AGGS, PRESETS, Estimator, check_per_token_arg, raise_failed_checks
+from fastupg.kernels.estimator import AGGS, PRESETS, Estimator, check_per_token_arg, raise_failed_checks
 
 # bits of the error word the kernels write (prep kernel: 0-5, main kernel per-token flags: 8-12; bits 0-2 of the
 # per-token flags are the clip flags); the Triton kernels use them as tl.constexpr, _describer turns them into messages

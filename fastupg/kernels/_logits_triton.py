@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastupg.estimator import Estimator, aggregation_weights, raise_failed_checks
+from fastupg.kernels.estimator import Estimator, aggregation_weights, raise_failed_checks
 from fastupg.kernels import _logits_checks as C
 from fastupg.kernels._logits_checks import (_SECOND_BACKWARD, _flatten, _mark_overwritten, _nonfinite_check,
                                             advantage_rule)

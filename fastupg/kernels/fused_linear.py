@@ -49,7 +49,7 @@ import warnings
 
 import torch
 
-from fastupg.estimator import Estimator, policy_loss
+from fastupg.kernels.estimator import Estimator, policy_loss
 from fastupg.kernels._fused_linear_chunked import _chunked_backward, _chunked_forward, _one_pass_chunked
 from fastupg.kernels._fused_linear_common import DEFAULT_CHUNK_BYTES, FusedLinearOptions, _no_autocast
 from fastupg.kernels._fused_linear_torch import _torch_logprobs

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from fastupg.estimator import Estimator, policy_loss
+from fastupg.kernels.estimator import Estimator, policy_loss
 from fastupg.kernels import torch_reference as reference
 from fastupg.kernels._logits_checks import (_USED_AFTER, CHECK_MODES, _check_logits_targets, _describer, _flatten,
                                             _mark_overwritten, _prepare_args, _refuse_leaf, _refuse_overwritten,

@@ -14,7 +14,7 @@ import weakref
 
 import torch
 
-from fastupg.estimator import Estimator, policy_loss
+from fastupg.kernels.estimator import Estimator, policy_loss
 from fastupg.kernels._logits_checks import _SECOND_BACKWARD, _flatten, _mark_overwritten, resolve_estimator
 
 
