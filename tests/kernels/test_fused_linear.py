@@ -432,3 +432,126 @@ def test_per_token_weight_is_named_weight_and_token_weight_is_a_deprecated_alias
     assert float(new) == float(old) and float(new) != float(ones)  # the weight is used, under either name
     with pytest.raises(TypeError, match="once"):
         fused_linear_policy_loss(h, w, tgt, est, impl="torch", weight=tw, token_weight=tw, **kw)
+
+
+# -- issue 13 item 2: the atomic-free split-pass triton backward (dH pass per row block, dW pass per vocab block) -----
+import functools  # noqa: E402
+
+import fastupg.kernels._fused_linear_triton as flt  # noqa: E402
+
+SMALL_BLOCKS = dict(block_n=16, block_v=32, block_d=16)  # several row blocks and vocabulary tiles at tiny sizes
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(fl, "FusedLinearOptions", functools.partial(fl.FusedLinearOptions, **SMALL_BLOCKS))
+
+
+def _split_case(Vs, N=45, D=24, seed=0, peaked=False):
+    """Distinct random rows (never zeros), a bias, upstream gradients for log-prob and entropy with masked rows
+    (both zero: compacted away) spread over every row block."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, D, generator=g, dtype=torch.float64)
+    w = torch.randn(Vs, D, generator=g, dtype=torch.float64) * 0.4
+    b = torch.randn(Vs, generator=g, dtype=torch.float64) * 0.5
+    tgt = torch.randint(0, Vs, (N,), generator=g)
+    if peaked:  # confident rows: the first 32 columns hold nearly all the mass, every target among them
+        b[32:] -= 14.0
+        tgt = tgt % 32
+    cl = torch.randn(N, generator=g, dtype=torch.float64)
+    ch = torch.randn(N, generator=g, dtype=torch.float64)
+    masked = torch.arange(N) % 7 == 3
+    cl[masked] = 0.0
+    ch[masked] = 0.0
+    return h, w, b, tgt, cl, ch
+
+
+def _split_reference(h, w, b, tgt, cl, ch):
+    """float64, materialised logits: logp, entropy, and the gradients of sum(cl * logp + ch * entropy)."""
+    hr, wr, br = (t.clone().requires_grad_() for t in (h, w, b))
+    lp = torch.log_softmax((hr @ wr.t() + br) / TEMP, -1)
+    logp = lp.gather(1, tgt[:, None]).squeeze(1)
+    ent = -(lp.exp() * lp).sum(-1)
+    (cl * logp + ch * ent).sum().backward()
+    return logp.detach(), ent.detach(), hr.grad, wr.grad, br.grad
+
+
+def _split_run(h, w, b, tgt, cl, ch, dtype, impl="triton", need=(True, True, True), **kw):
+    hx, wx, bx = (t.to(dtype).requires_grad_(r) for t, r in zip((h, w, b), need))
+    lp, ent = fused_linear_logprobs(hx, wx, tgt, TEMP, return_entropy=True, bias=bx, impl=impl, **kw)
+    (lp * cl.to(dtype) + ent * ch.to(dtype)).sum().backward()
+    return lp.detach(), ent.detach(), hx.grad, wx.grad, bx.grad
+
+
+@pytest.mark.parametrize("Vs,dtype", [(37, torch.float32), (101, torch.float32), (101, torch.bfloat16)])
+def test_split_passes_against_float64(small_blocks, Vs, dtype):
+    h, w, b, tgt, cl, ch = _split_case(Vs, seed=Vs)
+    if dtype != torch.float32:  # the reference sees exactly the rounded inputs
+        h, w, b = (t.to(dtype).double() for t in (h, w, b))
+    ref = _split_reference(h, w, b, tgt, cl, ch)
+    got = _split_run(h, w, b, tgt, cl, ch, dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, x, y in zip(("logp", "entropy", "dH", "dW", "dbias"), got, ref):
+        assert x.dtype == (torch.float32 if name in ("logp", "entropy") else dtype), name
+        assert _rel(x, y) < tol, f"{name}: relative error {_rel(x, y):.3g} >= {tol}"
+    assert float(got[2][cl == 0].abs().sum()) == 0  # compacted rows: exactly zero dH
+    # every row block of 16 contributes to dW well above the tolerance: a dW pass that skipped one would fail above
+    z = (h @ w.t() + b) / TEMP
+    for r0 in range(0, h.shape[0], SMALL_BLOCKS["block_n"]):
+        sel = torch.zeros(h.shape[0], dtype=torch.bool)
+        sel[r0:r0 + SMALL_BLOCKS["block_n"]] = True
+        zb = z.clone().requires_grad_()
+        lp = torch.log_softmax(zb, -1)
+        part = (cl * sel * lp.gather(1, tgt[:, None]).squeeze(1) - ch * sel * (lp.exp() * lp).sum(-1)).sum()
+        (gz,) = torch.autograd.grad(part, zb)
+        assert float((gz.t() @ h / TEMP).norm() / ref[3].norm()) > 5 * tol
+
+
+def test_split_passes_against_chunked(small_blocks):
+    h, w, b, tgt, cl, ch = _split_case(101, N=40, seed=5)
+    tri = _split_run(h, w, b, tgt, cl, ch, torch.float32)
+    chk = _split_run(h, w, b, tgt, cl, ch, torch.float32, impl="chunked", chunk_bytes=4 * 101 * 8)
+    for x, y in zip(tri, chk):
+        assert _rel(x, y.double()) < 1e-5
+
+
+@pytest.mark.parametrize("need", [(True, False, True), (False, True, False), (False, False, True)])
+def test_split_passes_partial_gradients(small_blocks, need):
+    """Only the gradients asked for: dH alone runs only the dH pass; the bias alone runs the dW pass without dW."""
+    h, w, b, tgt, cl, ch = _split_case(37, N=20, seed=9)
+    ref = _split_reference(h, w, b, tgt, cl, ch)
+    got = _split_run(h, w, b, tgt, cl, ch, torch.float32, need=need)
+    for r, x, y in zip(need, got[2:], ref[2:]):
+        assert (x is not None) == r
+        if r:
+            assert _rel(x, y) < 1e-5
+
+
+def test_split_passes_persistent_slab_path(small_blocks, monkeypatch):
+    """The 16-bit GPU path, forced in fp32: fp32 slabs of a persistent grid smaller than the number of blocks (each
+    program owns several row / vocab blocks in turn and must start each from a zeroed slab)."""
+    monkeypatch.setattr(flt, "ACCUMULATE_IN_OUTPUT", False)
+    D = 24
+    monkeypatch.setattr(flt, "SCRATCH_BYTES", 2 * 16 * D * 4)  # dH: 2 programs for 3 row blocks; dW: 1 for 4
+    h, w, b, tgt, cl, ch = _split_case(101, N=45, D=D, seed=4)
+    assert flt._grid(3, 16, D, False) == (2, 2) and flt._grid(4, 32, D, False) == (1, 4)
+    ref = _split_reference(h, w, b, tgt, cl, ch)
+    got = _split_run(h, w, b, tgt, cl, ch, torch.float32)
+    for name, x, y in zip(("logp", "entropy", "dH", "dW", "dbias"), got, ref):
+        assert _rel(x, y) < 1e-5, name
+
+
+def test_split_passes_gradient_filtering_skips_tiles(small_blocks):
+    h, w, b, tgt, cl, ch = _split_case(101, N=45, seed=6, peaked=True)
+    ref = _split_reference(h, w, b, tgt, cl, ch)
+    exact = _split_run(h, w, b, tgt, cl, ch, torch.float32)
+    assert flt.last_skipped == {}
+    filt = _split_run(h, w, b, tgt, cl, ch, torch.float32, exact=False, filter_eps=1e-3)
+    # 4 vocabulary tiles of 32: columns >= 32 hold p ~ e^-14 relative, below eps; the first tile holds the targets
+    dh_skips, dw_skips = flt.last_skipped["dh"], flt.last_skipped["dw"]
+    assert dh_skips.tolist() == [3] * 3, dh_skips   # per row block: the 3 tiles beyond column 32
+    assert dw_skips.tolist() == [0, 3, 3, 3], dw_skips  # per vocab block: every row tile of the last three
+    for name, x, e, y in zip(("logp", "entropy", "dH", "dW", "dbias"), filt, exact, ref):
+        assert _rel(e, y) < 1e-5, name
+        assert _rel(x, y) < 1e-2, name  # documented tolerance of exact=False
+    assert not torch.equal(filt[3], exact[3])  # the skipped tiles are really missing from dW
