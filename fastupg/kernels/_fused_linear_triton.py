@@ -113,12 +113,19 @@ def _grad_tile(z, tgt, lse, gl, ent, gh, cols64, nmask, vmask, inv_t, eps,
 
 
 @triton.jit
-def _slab_add(slab, smask, a, x, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """slab += a @ x (fp32, read-modify-write by the slab's only owner). The barrier orders this program's store
-    before its next load of the same addresses by other threads of the program (the two may use different layouts)."""
-    cur = tl.load(slab, mask=smask, other=0.0)
-    tl.store(slab, _mm(a, x, cur, IEEE, UPCAST), mask=smask)
-    tl.debug_barrier()
+def _add_product(ACC, acc_rows64, omask, a, X, xrows64, xmask, stride_x, D,
+                 IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr):
+    """ACC[acc_rows] += a @ X[xrows], D slice by D slice: fp32 read-modify-write by the rows' only owner (the dH pass:
+    a = g, X = W; the dW pass: a = g^T, X = H). The barrier orders each store before the next load of the same
+    addresses by other threads of this program (load and store may use different layouts)."""
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        x = tl.load(X + xrows64[:, None] * stride_x + offs_d[None, :], mask=xmask[:, None] & dmask[None, :], other=0.0)
+        acc = ACC + acc_rows64[:, None] * D + offs_d[None, :]
+        amask = omask[:, None] & dmask[None, :]
+        tl.store(acc, _mm(a, x, tl.load(acc, mask=amask, other=0.0), IEEE, UPCAST), mask=amask)
+        tl.debug_barrier()
 
 
 @triton.jit
@@ -135,6 +142,22 @@ def _slab_fill(SLAB, OUT, slab_rows64, out_rows64, omask, D, BLOCK_O: tl.constex
         else:
             tl.store(slab, tl.zeros((BLOCK_O, BLOCK_D), tl.float32), mask=m)
     tl.debug_barrier()
+
+
+@triton.jit
+def _owner_accumulator(OUT, SLAB, out_rows64, omask, pid, D, IN_PLACE: tl.constexpr, USED: tl.constexpr,
+                       BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Where an owner block's fp32 sums live: the output rows themselves (fp32 output, zeroed by the host), or this
+    program's slab of the scratch (16-bit output), zeroed here and rounded into OUT when the block is done."""
+    if IN_PLACE:
+        base = OUT
+        rows = out_rows64
+    else:
+        base = SLAB
+        rows = (pid * BLOCK_O + tl.arange(0, BLOCK_O)).to(tl.int64)
+        if USED:
+            _slab_fill(SLAB, OUT, rows, out_rows64, omask, D, BLOCK_O, BLOCK_D, False)
+    return base, rows
 
 
 @triton.jit
@@ -194,13 +217,7 @@ def _dh_kernel(H, W, B, ROWS, TGT, LSE, ENT, GL, GH, DH, SLAB, SKIPS,
             nmask = offs_i < M
             rows64, tgt, lse, gl, ent, gh = _row_stats(offs_i.to(tl.int64), nmask, ROWS, TGT, LSE, ENT, GL, GH,
                                                        HAS_GH)
-            if IN_PLACE:   # fp32 output (zeroed by the host): accumulate in the gradient rows themselves
-                acc_base = DH
-                acc_rows = rows64
-            else:          # 16-bit output: this program's fp32 slab, zeroed here, rounded into DH at the end
-                acc_base = SLAB
-                acc_rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-                _slab_fill(SLAB, DH, acc_rows, rows64, nmask, D, BLOCK_N, BLOCK_D, False)
+            acc_base, acc_rows = _owner_accumulator(DH, SLAB, rows64, nmask, pid, D, IN_PLACE, True, BLOCK_N, BLOCK_D)
             skipped = 0
             for v0 in range(0, V, BLOCK_V):
                 offs_v = v0 + tl.arange(0, BLOCK_V)
@@ -212,13 +229,7 @@ def _dh_kernel(H, W, B, ROWS, TGT, LSE, ENT, GL, GH, DH, SLAB, SKIPS,
                 if keep:
                     if not UPCAST:  # GPU: g rounded to the input dtype feeds the tensor cores (as CCE does)
                         g = g.to(W.dtype.element_ty)
-                    for d0 in range(0, D, BLOCK_D):
-                        offs_d = d0 + tl.arange(0, BLOCK_D)
-                        dmask = offs_d < D
-                        w = tl.load(W + cols64[:, None] * stride_wv + offs_d[None, :],
-                                    mask=vmask[:, None] & dmask[None, :], other=0.0)
-                        _slab_add(acc_base + acc_rows[:, None] * D + offs_d[None, :],
-                                  nmask[:, None] & dmask[None, :], g, w, IEEE, UPCAST)
+                    _add_product(acc_base, acc_rows, nmask, g, W, cols64, vmask, stride_wv, D, IEEE, UPCAST, BLOCK_D)
                 else:
                     skipped += 1
             if not IN_PLACE:
@@ -244,14 +255,8 @@ def _dw_kernel(H, W, B, ROWS, TGT, LSE, ENT, GL, GH, DW, DB, SLAB, SKIPS,
             offs_v = blk * BLOCK_V + tl.arange(0, BLOCK_V)
             vmask = offs_v < V
             cols64 = offs_v.to(tl.int64)
-            if IN_PLACE:
-                acc_base = DW
-                acc_rows = cols64
-            else:
-                acc_base = SLAB
-                acc_rows = (pid * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-                if NEED_DW:
-                    _slab_fill(SLAB, DW, acc_rows, cols64, vmask, D, BLOCK_V, BLOCK_D, False)
+            acc_base, acc_rows = _owner_accumulator(DW, SLAB, cols64, vmask, pid, D, IN_PLACE, NEED_DW, BLOCK_V,
+                                                    BLOCK_D)
             db = tl.zeros((BLOCK_V,), tl.float32)
             skipped = 0
             for n0 in range(0, M, BLOCK_N):
@@ -269,13 +274,8 @@ def _dw_kernel(H, W, B, ROWS, TGT, LSE, ENT, GL, GH, DW, DB, SLAB, SKIPS,
                         gt = tl.trans(g)
                         if not UPCAST:
                             gt = gt.to(H.dtype.element_ty)
-                        for d0 in range(0, D, BLOCK_D):
-                            offs_d = d0 + tl.arange(0, BLOCK_D)
-                            dmask = offs_d < D
-                            h = tl.load(H + rows64[:, None] * stride_hn + offs_d[None, :],
-                                        mask=nmask[:, None] & dmask[None, :], other=0.0)
-                            _slab_add(acc_base + acc_rows[:, None] * D + offs_d[None, :],
-                                      vmask[:, None] & dmask[None, :], gt, h, IEEE, UPCAST)
+                        _add_product(acc_base, acc_rows, vmask, gt, H, rows64, nmask, stride_hn, D, IEEE, UPCAST,
+                                     BLOCK_D)
                 else:
                     skipped += 1
             if NEED_DW and not IN_PLACE:
