@@ -59,6 +59,13 @@ def _mm(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _span(start, n, BLOCK: tl.constexpr):
+    """int64 offsets start .. start + BLOCK - 1 and their mask (< n): one tile of rows or vocabulary columns."""
+    offs = start + tl.arange(0, BLOCK)
+    return offs.to(tl.int64), offs < n
+
+
+@triton.jit
 def _logits_tile(H, W, B, rows64, cols64, nmask, vmask, D, stride_hn, stride_wv,
                  HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -166,9 +173,7 @@ def _fwd_kernel(H, W, B, TGT, LOGP, LSE, ENT,
                 HAS_BIAS: tl.constexpr, RETURN_ENT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
-    rows64 = offs_n.to(tl.int64)
+    rows64, nmask = _span(pid * BLOCK_N, N, BLOCK_N)
     tgt = tl.load(TGT + rows64, mask=nmask, other=0).to(tl.int64)
 
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
@@ -176,9 +181,7 @@ def _fwd_kernel(H, W, B, TGT, LOGP, LSE, ENT,
     t = tl.zeros((BLOCK_N,), tl.float32)
     zt = tl.zeros((BLOCK_N,), tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
-        vmask = offs_v < V
-        cols64 = offs_v.to(tl.int64)
+        cols64, vmask = _span(v0, V, BLOCK_V)
         acc = _logits_tile(H, W, B, rows64, cols64, nmask, vmask, D, stride_hn, stride_wv,
                            HAS_BIAS, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
         z = acc * inv_t
@@ -202,6 +205,15 @@ def _fwd_kernel(H, W, B, TGT, LOGP, LSE, ENT,
 
 
 @triton.jit
+def _owned_block(pid, i, nprog, n, BLOCK: tl.constexpr):
+    """The i-th owner block of program pid in the persistent grid (blocks pid, pid + nprog, ...): its index, int64
+    offsets and mask, and whether it exists."""
+    blk = pid + i * nprog
+    offs64, mask = _span(blk * BLOCK, n, BLOCK)
+    return blk, offs64, mask, blk < tl.cdiv(n, BLOCK)
+
+
+@triton.jit
 def _dh_kernel(H, W, B, ROWS, TGT, LSE, ENT, GL, GH, DH, SLAB, SKIPS,
                M, V, D, stride_hn, stride_wv, inv_t, eps, blocks_per_prog, nprog,
                HAS_BIAS: tl.constexpr, HAS_GH: tl.constexpr, FILTER: tl.constexpr, IEEE: tl.constexpr,
@@ -209,20 +221,14 @@ def _dh_kernel(H, W, B, ROWS, TGT, LSE, ENT, GL, GH, DH, SLAB, SKIPS,
                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     """dH[rows] = sum over vocabulary tiles of g @ W[tile]; program pid owns row blocks pid, pid + nprog, ..."""
     pid = tl.program_id(0)
-    num_blocks = tl.cdiv(M, BLOCK_N)
     for i in range(0, blocks_per_prog):
-        blk = pid + i * nprog
-        if blk < num_blocks:
-            offs_i = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-            nmask = offs_i < M
-            rows64, tgt, lse, gl, ent, gh = _row_stats(offs_i.to(tl.int64), nmask, ROWS, TGT, LSE, ENT, GL, GH,
-                                                       HAS_GH)
+        blk, idx64, nmask, live = _owned_block(pid, i, nprog, M, BLOCK_N)
+        if live:
+            rows64, tgt, lse, gl, ent, gh = _row_stats(idx64, nmask, ROWS, TGT, LSE, ENT, GL, GH, HAS_GH)
             acc_base, acc_rows = _owner_accumulator(DH, SLAB, rows64, nmask, pid, D, IN_PLACE, True, BLOCK_N, BLOCK_D)
             skipped = 0
             for v0 in range(0, V, BLOCK_V):
-                offs_v = v0 + tl.arange(0, BLOCK_V)
-                vmask = offs_v < V
-                cols64 = offs_v.to(tl.int64)
+                cols64, vmask = _span(v0, V, BLOCK_V)
                 z = _logits_tile(H, W, B, rows64, cols64, nmask, vmask, D, stride_hn, stride_wv,
                                  HAS_BIAS, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
                 g, keep = _grad_tile(z, tgt, lse, gl, ent, gh, cols64, nmask, vmask, inv_t, eps, HAS_GH, FILTER)
@@ -248,22 +254,16 @@ def _dw_kernel(H, W, B, ROWS, TGT, LSE, ENT, GL, GH, DW, DB, SLAB, SKIPS,
     """dW[vocab] = sum over compacted row tiles of g^T @ H[tile] (db = sum of g); program pid owns vocab blocks
     pid, pid + nprog, ..."""
     pid = tl.program_id(0)
-    num_blocks = tl.cdiv(V, BLOCK_V)
     for i in range(0, blocks_per_prog):
-        blk = pid + i * nprog
-        if blk < num_blocks:
-            offs_v = blk * BLOCK_V + tl.arange(0, BLOCK_V)
-            vmask = offs_v < V
-            cols64 = offs_v.to(tl.int64)
+        blk, cols64, vmask, live = _owned_block(pid, i, nprog, V, BLOCK_V)
+        if live:
             acc_base, acc_rows = _owner_accumulator(DW, SLAB, cols64, vmask, pid, D, IN_PLACE, NEED_DW, BLOCK_V,
                                                     BLOCK_D)
             db = tl.zeros((BLOCK_V,), tl.float32)
             skipped = 0
             for n0 in range(0, M, BLOCK_N):
-                offs_i = n0 + tl.arange(0, BLOCK_N)
-                nmask = offs_i < M
-                rows64, tgt, lse, gl, ent, gh = _row_stats(offs_i.to(tl.int64), nmask, ROWS, TGT, LSE, ENT, GL, GH,
-                                                           HAS_GH)
+                idx64, nmask = _span(n0, M, BLOCK_N)
+                rows64, tgt, lse, gl, ent, gh = _row_stats(idx64, nmask, ROWS, TGT, LSE, ENT, GL, GH, HAS_GH)
                 z = _logits_tile(H, W, B, rows64, cols64, nmask, vmask, D, stride_hn, stride_wv,
                                  HAS_BIAS, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
                 g, keep = _grad_tile(z, tgt, lse, gl, ent, gh, cols64, nmask, vmask, inv_t, eps, HAS_GH, FILTER)
