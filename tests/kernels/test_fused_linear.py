@@ -296,9 +296,8 @@ def test_batched_3d_input_and_scaled_loss(preset):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.max_memory_allocated)")
 @pytest.mark.parametrize("impl", ["triton", "chunked"])
 def test_gpu_peak_memory_at_qwen_vocabulary(impl):
-    """Qwen's V = 151936 in bf16: peak beyond the inputs and the gradient buffers stays <= 64 MiB + O(N) for triton
-    (the chunked impl: + its logits chunk budget). The gradient buffers are the fp32 accumulators of dH/dW plus the
-    bf16 gradients they are converted to (both counted as 'dH/dW buffers')."""
+    """Qwen's V = 151936 in bf16: peak beyond the inputs and the bf16 gradients stays <= 64 MiB + O(N) for triton
+    (its fp32 slabs: <= SCRATCH_BYTES = 48 MiB, no fp32 copy of dH/dW; the chunked impl: + its logits chunk budget)."""
     N, D, Vq = 4096, 1024, 151936
     g = torch.Generator(device="cuda").manual_seed(0)
     h = torch.randn(N, D, device="cuda", generator=g).bfloat16().requires_grad_()
@@ -316,9 +315,9 @@ def test_gpu_peak_memory_at_qwen_vocabulary(impl):
     loss.backward()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    # triton: fp32 accumulators of dH/dW + the bf16 gradients; chunked: the bf16 gradients only (dW accumulates in
-    # place by addmm_), + one fp32 logits chunk and its bf16 gradient (1.5 chunk_bytes)
-    grad_buffers = (N * D + Vq * D) * ((4 + 2) if impl == "triton" else 2)
+    # both: the bf16 gradients only (triton: fp32 sums in its slabs; chunked: dW accumulates in place by addmm_);
+    # chunked also holds one fp32 logits chunk and its bf16 gradient (1.5 chunk_bytes)
+    grad_buffers = (N * D + Vq * D) * 2
     budget = 64 * 2 ** 20 + 256 * N + ((3 * 2 ** 27) // 2 if impl == "chunked" else 0)
     assert peak - grad_buffers <= budget, (peak / 2 ** 20, grad_buffers / 2 ** 20)
 
