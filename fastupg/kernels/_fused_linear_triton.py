@@ -120,6 +120,17 @@ def _grad_tile(z, tgt, lse, gl, ent, gh, cols64, nmask, vmask, inv_t, eps,
 
 
 @triton.jit
+def _operand(g, PTR, UPCAST: tl.constexpr):
+    """g as a tl.dot operand: rounded to the inputs' dtype on a GPU (tensor cores, as Cut Cross-Entropy does); kept
+    fp32 under the interpreter (UPCAST), whose fp32 -> bf16 casts are unreliable."""
+    if UPCAST:
+        out = g
+    else:
+        out = g.to(PTR.dtype.element_ty)
+    return out
+
+
+@triton.jit
 def _add_product(ACC, acc_rows64, omask, a, X, xrows64, xmask, stride_x, D,
                  IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr):
     """ACC[acc_rows] += a @ X[xrows], D slice by D slice: fp32 read-modify-write by the rows' only owner (the dH pass:
@@ -233,9 +244,8 @@ def _dh_kernel(H, W, B, ROWS, TGT, LSE, ENT, GL, GH, DH, SLAB, SKIPS,
                                  HAS_BIAS, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
                 g, keep = _grad_tile(z, tgt, lse, gl, ent, gh, cols64, nmask, vmask, inv_t, eps, HAS_GH, FILTER)
                 if keep:
-                    if not UPCAST:  # GPU: g rounded to the input dtype feeds the tensor cores (as CCE does)
-                        g = g.to(W.dtype.element_ty)
-                    _add_product(acc_base, acc_rows, nmask, g, W, cols64, vmask, stride_wv, D, IEEE, UPCAST, BLOCK_D)
+                    _add_product(acc_base, acc_rows, nmask, _operand(g, W, UPCAST), W, cols64, vmask, stride_wv, D,
+                                 IEEE, UPCAST, BLOCK_D)
                 else:
                     skipped += 1
             if not IN_PLACE:
@@ -271,11 +281,8 @@ def _dw_kernel(H, W, B, ROWS, TGT, LSE, ENT, GL, GH, DW, DB, SLAB, SKIPS,
                     if NEED_DB:
                         db += tl.sum(g, 0)
                     if NEED_DW:
-                        gt = tl.trans(g)
-                        if not UPCAST:
-                            gt = gt.to(H.dtype.element_ty)
-                        _add_product(acc_base, acc_rows, vmask, gt, H, rows64, nmask, stride_hn, D, IEEE, UPCAST,
-                                     BLOCK_D)
+                        _add_product(acc_base, acc_rows, vmask, _operand(tl.trans(g), H, UPCAST), H, rows64, nmask,
+                                     stride_hn, D, IEEE, UPCAST, BLOCK_D)
                 else:
                     skipped += 1
             if NEED_DW and not IN_PLACE:
