@@ -25,6 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import fastupg.kernels._fused_linear_triton as flt  # noqa: E402
+from fastupg.kernels._fused_linear_common import FusedLinearOptions  # noqa: E402
 
 INTS = {"N", "M", "V", "D", "stride_hn", "stride_wv", "blocks_per_prog", "nprog"}
 FLOATS = {"inv_t", "eps"}
@@ -52,20 +53,21 @@ def signature(fn, dt: str, consts: dict) -> dict:
 
 def variants(quick: bool):
     """(kernel, dtype, constexprs): what _triton_forward / _triton_backward can launch on a GPU."""
-    blocks = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64)
+    o = FusedLinearOptions(impl="triton")  # default blocks; the dW pass owns block_n vocab entries, loops block_v rows
+    blocks = dict(BLOCK_N=o.block_n, BLOCK_V=o.block_v, BLOCK_D=o.block_d)
+    dw_blocks = dict(BLOCK_N=o.block_v, BLOCK_V=o.block_n, BLOCK_D=o.block_d)
     for dt in (["bf16"] if quick else ["bf16", "fp32"]):
         ieee = dt == "fp32"
         if not quick:
             yield flt._fwd_kernel, dt, dict(HAS_BIAS=True, RETURN_ENT=True, IEEE=ieee, UPCAST=False, **blocks)
         for in_place in ([ieee] if quick else sorted({ieee, False})):
             for filt in ([True] if quick else [False, True]):
-                common = dict(HAS_BIAS=True, HAS_GH=True, FILTER=filt, IEEE=ieee, UPCAST=False, IN_PLACE=in_place,
-                              **blocks)
-                yield flt._dh_kernel, dt, common
-                yield flt._dw_kernel, dt, dict(NEED_DW=True, NEED_DB=True, **common)
+                common = dict(HAS_BIAS=True, HAS_GH=True, FILTER=filt, IEEE=ieee, UPCAST=False, IN_PLACE=in_place)
+                yield flt._dh_kernel, dt, dict(**common, **blocks)
+                yield flt._dw_kernel, dt, dict(NEED_DW=True, NEED_DB=True, **common, **dw_blocks)
         if not quick:
             yield flt._dw_kernel, dt, dict(NEED_DW=False, NEED_DB=True, HAS_BIAS=True, HAS_GH=False, FILTER=False,
-                                           IEEE=ieee, UPCAST=False, IN_PLACE=False, **blocks)
+                                           IEEE=ieee, UPCAST=False, IN_PLACE=False, **dw_blocks)
 
 
 def main(argv=None) -> int:
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
     for fn, dt, consts in variants(a.quick):
         k = triton.compile(ASTSource(fn, signature(fn, dt, consts), consts), target=target,
                            options=dict(num_warps=4, num_stages=3))
-        flags = " ".join(f"{n}={int(v)}" for n, v in consts.items() if isinstance(v, bool))
+        flags = " ".join(f"{n}={int(v)}" for n, v in consts.items())
         print(f"ok  {fn.fn.__name__:<12} {dt:<5} {flags}  shared {k.metadata.shared} B", flush=True)
     return 0
 

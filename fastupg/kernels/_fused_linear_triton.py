@@ -4,30 +4,34 @@ No kernel ever stores a logit in global memory, and no kernel uses atomics: ever
 one program (the split-pass scheme of issue 13; Cut Cross-Entropy's own backward is one kernel with lock-guarded
 adds, Liger's is chunked cuBLAS).
 
-* `_fwd_kernel`   one program per block of BLOCK_N rows. It walks the vocabulary in BLOCK_V tiles; each tile of
+* `_fwd_kernel`   one program per block of block_n rows. It walks the vocabulary in block_v tiles; each tile of
   logits z = (H W^T + b) / T is built with tl.dot over BLOCK_D slices of D (fp32 accumulation) and folded into an
   online log-sum-exp (running max m, s = sum e^{z-m}, t = sum e^{z-m} (z-m)), the target logit and, when asked,
   the entropy H = log s - t / s. It writes O(N): logp, lse, entropy.
 
 * backward, over the *compacted* rows only (rows whose dL/dl and dL/dH are exactly zero are never visited), in two
   passes that each recompute the logits tiles and form
-      g = [ dL/dl * (onehot - p) - dL/dH * p * (log p + H) ] / T          (BLOCK_N x BLOCK_V, fp32)
-  - `_dh_kernel`  program per row block, loop over the vocabulary tiles:  dH[rows] += g @ W[tile]
-  - `_dw_kernel`  program per vocab block, loop over the row tiles:       dW[vocab] += g^T @ H[tile], db += sum g
+      g = [ dL/dl * (onehot - p) - dL/dH * p * (log p + H) ] / T          (rows x vocabulary tile, fp32)
+  - `_dh_kernel`  program per block of block_n rows, loop over vocabulary tiles of block_v:  dH[rows] += g @ W[tile]
+  - `_dw_kernel`  program per block of block_n vocab entries, loop over row tiles of block_v:
+                  dW[vocab] += g^T @ H[tile], db[vocab] += sum of g over the rows
+  Both passes own blocks of the same size (block_n x D) and walk the other dimension in the same order, so that
+  concurrently running programs share the streamed W (dH pass) or H (dW pass) tiles in L2.
   Cost: 5 GEMM-equivalents (forward, 2 x recompute, dH, dW) against the 3 of a bare forward + backward.
 
-Accumulation. A program's output block (BLOCK x D) does not fit in registers for D in the thousands, so it is
-accumulated D slice by D slice by read-modify-write in global memory, in fp32, by its only owner:
-  - fp32 gradients: straight in the output buffer (`in place`);
-  - 16-bit gradients: in a per-program fp32 slab (BLOCK x D) of a scratch buffer, rounded once into the output when
-    the block is done. The grid is then *persistent*: P programs (P chosen so that the scratch stays within
-    SCRATCH_BYTES, 48 MiB) each walk the owner blocks pid, pid + P, ... reusing their slab. Memory beyond the
-    inputs and the gradient outputs: O(N) statistics + the scratch (<= 48 MiB), whatever N and V.
-  The trade-off: at D = 3584, bf16, the dW pass runs 26 programs of 128 vocab rows (the dH pass 53 of 64 rows) on
-  132 SMs. Not yet measured; if the profile shows idle SMs, the next step is a smaller owner block or a larger
-  scratch budget (memory vs parallelism is exactly this knob).
+Accumulation. A program's output block (block_n x D) does not fit in registers for D in the thousands, so it is
+accumulated D slice by D slice by read-modify-write in global memory, in fp32, by its only owner (a barrier orders
+each store before the next load):
+  - fp32 gradients: straight in the output buffer (`in place`), one program per owner block;
+  - 16-bit gradients: in a per-program fp32 slab (block_n x D) of a scratch buffer, rounded once into the output
+    when the block is done (no fp32 copy of dH or dW). The grid is then *persistent*: P programs (P chosen so that
+    the scratch stays within SCRATCH_BYTES, 48 MiB) each walk the owner blocks pid, pid + P, ... reusing their slab.
+    Memory beyond the inputs and the gradient outputs: O(N) statistics + the scratch (<= 48 MiB), whatever N and V.
+  The trade-off: with block_n = 64, bf16, each pass runs 128 programs at D = 1536 and 54 at D = 3584 (an H100 has
+  132 SMs). Not yet measured; if the profile shows idle SMs at large D, the knob is exactly this one (a smaller
+  owner block, or a larger scratch budget against the 64 MiB goal of issue 13).
 
-Gradient filtering (exact=False): a (row block, vocab tile) of g whose softmax entries are all < eps and that holds
+Gradient filtering (exact=False): a tile of g whose softmax entries are all < eps and that holds
 no target is skipped (both GEMMs of the tile; in the dW pass also its bias contribution): each skipped entry of g is
 < eps * (|dL/dl| + |dL/dH| * |log p + H|) / T. The decision is taken per tile in each pass; the number of skipped tiles
 per owner block is written to a small int32 buffer (`last_skipped`, for tests and profiling).
@@ -86,7 +90,7 @@ def _logits_tile(H, W, B, rows64, cols64, nmask, vmask, D, stride_hn, stride_wv,
 
 @triton.jit
 def _row_stats(idx64, nmask, ROWS, TGT, LSE, ENT, GL, GH, HAS_GH: tl.constexpr):
-    """Per-row inputs of the backward at compacted indices idx64: original row, target, lse, dL/dl (, entropy, dL/dH)."""
+    """Per-row inputs of the backward at compacted indices idx64: original row, target, lse, dL/dl (entropy, dL/dH)."""
     rows64 = tl.load(ROWS + idx64, mask=nmask, other=0).to(tl.int64)
     tgt = tl.load(TGT + idx64, mask=nmask, other=0).to(tl.int64)
     lse = tl.load(LSE + idx64, mask=nmask, other=0.0)
@@ -349,21 +353,23 @@ def _triton_backward(h, w, b, rows, tgt, lse, ent, gl, gh, o: FusedLinearOptions
         has_gh = gh is not None
         gl = gl.to(f32)
         gh, ent = (gh.to(f32), ent) if has_gh else (gl, lse)  # unread when HAS_GH is off
-        nb_n, nb_v = triton_cdiv(M, o.block_n), triton_cdiv(V, o.block_v)
-        grid_dh = _grid(nb_n, o.block_n, D, in_place)
-        grid_dw = _grid(nb_v, o.block_v, D, in_place)
+        # both passes own blocks of `own` (rows, resp. vocabulary entries) and loop over tiles of `loop` (vocabulary
+        # entries, resp. rows): same slab size and as many programs in the dW pass as in the dH pass
+        own, loop = o.block_n, o.block_v
+        nb_n, nb_v = triton_cdiv(M, own), triton_cdiv(V, own)
+        grid_dh = _grid(nb_n, own, D, in_place)
+        grid_dw = _grid(nb_v, own, D, in_place)
         scratch = None if in_place else torch.empty(
-            max(grid_dh[0] * o.block_n if need_dh else 0, grid_dw[0] * o.block_v if need_dw else 0, 1) * D,
-            dtype=f32, device=h.device)
+            max(grid_dh[0] if need_dh else 0, grid_dw[0] if need_dw else 0, 1) * own * D, dtype=f32, device=h.device)
         bias = b if b is not None else h
         common = dict(HAS_BIAS=b is not None, HAS_GH=has_gh, FILTER=filt, IEEE=h.dtype == f32,
-                      UPCAST=_interp_upcast(h), IN_PLACE=in_place,
-                      BLOCK_N=o.block_n, BLOCK_V=o.block_v, BLOCK_D=o.block_d)
+                      UPCAST=_interp_upcast(h), IN_PLACE=in_place, BLOCK_D=o.block_d)
         scalars = (M, V, D, h.stride(0), w.stride(0), 1.0 / o.temperature, o.eps_for(h.dtype))
         if need_dh:
             skips = torch.zeros(nb_n if filt else 1, dtype=torch.int32, device=h.device)
             _dh_kernel[(grid_dh[0],)](h, w, bias, rows, tgt, lse, ent, gl, gh, dH,
-                                      dH if in_place else scratch, skips, *scalars, grid_dh[1], grid_dh[0], **common)
+                                      dH if in_place else scratch, skips, *scalars, grid_dh[1], grid_dh[0],
+                                      BLOCK_N=own, BLOCK_V=loop, **common)
             if filt:
                 last_skipped["dh"] = skips
         if need_dw or need_db:
@@ -371,7 +377,8 @@ def _triton_backward(h, w, b, rows, tgt, lse, ent, gl, gh, o: FusedLinearOptions
             dw_out = dW if need_dw else lse  # bias only: the dW pass still runs (it owns db) but writes no dW
             _dw_kernel[(grid_dw[0],)](h, w, bias, rows, tgt, lse, ent, gl, gh, dw_out, db if need_db else lse,
                                       dw_out if (in_place or not need_dw) else scratch, skips,
-                                      *scalars, grid_dw[1], grid_dw[0], NEED_DW=need_dw, NEED_DB=need_db, **common)
+                                      *scalars, grid_dw[1], grid_dw[0], NEED_DW=need_dw, NEED_DB=need_db,
+                                      BLOCK_N=loop, BLOCK_V=own, **common)
             if filt:
                 last_skipped["dw"] = skips
     return (dH.to(h.dtype) if need_dh else None), (dW.to(w.dtype) if need_dw else None), db
