@@ -572,3 +572,20 @@ def test_split_pass_kernels_compile_for_sm90():
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert r.stdout.count("ok ") == 2, r.stdout
+
+
+def test_triton_peak_memory_is_o_n_plus_scratch(monkeypatch):
+    """Beyond the inputs and the gradients the triton impl holds O(N) statistics and, on the 16-bit path (forced here
+    in fp32), its fp32 slabs (<= SCRATCH_BYTES): no N x V logits, no fp32 copy of dW (4 * V * D bytes: more than the
+    whole bound below)."""
+    D = 40
+    scratch = 2 * 64 * D * 4  # 2 slabs of 64 x D fp32
+    monkeypatch.setattr(flt, "SCRATCH_BYTES", scratch)
+    monkeypatch.setattr(flt, "ACCUMULATE_IN_OUTPUT", False)
+    per_row = 512 + 4 * D  # as in test_peak_memory_bounded_independent_of_n
+    small, large = 48, 160
+    extra = {n: _peak_extra("triton", n, D=D) for n in (small, large)}
+    for n, e in extra.items():
+        assert e <= scratch + 65536 + per_row * n, (n, e)
+        assert e < 4 * V * D, (n, e)  # an fp32 copy of dW alone would exceed this
+    assert extra[large] - extra[small] <= per_row * (large - small), extra
