@@ -28,7 +28,7 @@ import fastupg.kernels._fused_linear_triton as flt  # noqa: E402
 from fastupg.kernels._fused_linear_common import FusedLinearOptions  # noqa: E402
 
 INTS = {"N", "M", "V", "D", "stride_hn", "stride_wv", "blocks_per_prog", "nprog"}
-FLOATS = {"inv_t", "eps"}
+FLOATS = {"inv_t", "tile_eps"}
 FP32_PTRS = {"LSE", "ENT", "GL", "GH", "LOGP", "DB", "SLAB"}
 
 

@@ -31,10 +31,15 @@ each store before the next load):
   132 SMs). Not yet measured; if the profile shows idle SMs at large D, the knob is exactly this one (a smaller
   owner block, or a larger scratch budget against the 64 MiB goal of issue 13).
 
-Gradient filtering (exact=False): a tile of g whose softmax entries are all < eps and that holds
-no target is skipped (both GEMMs of the tile; in the dW pass also its bias contribution): each skipped entry of g is
-< eps * (|dL/dl| + |dL/dH| * |log p + H|) / T. The decision is taken per tile in each pass; the number of skipped tiles
-per owner block is written to a small int32 buffer (`last_skipped`, for tests and profiling).
+Gradient filtering (exact=False), with a bound that holds whatever the distribution: a tile of g is skipped (both
+GEMMs of the tile; in the dW pass also its bias contribution) iff it holds no target and, for every row, the softmax
+mass in the tile is < filter_eps / n, n = the number of vocabulary tiles of the pass. A row therefore loses less than
+filter_eps of probability mass in each pass, and its gradient row g changes by less than
+    filter_eps * (|dL/dl| + |dL/dH| * (H + log(V / filter_eps))) / T           (L1 norm)
+(sum of p_j |log p_j + H| over the skipped j, with their total mass < filter_eps). Cut Cross-Entropy's rule (every
+entry < filter_eps; the chunked impl's) bounds each skipped entry but not their sum: a flat distribution over a
+large vocabulary would lose almost all of its mass. The number of skipped tiles per owner block is written to a
+small int32 buffer (`last_skipped`, for tests and profiling).
 """
 from __future__ import annotations
 
@@ -105,10 +110,10 @@ def _row_stats(idx64, nmask, ROWS, TGT, LSE, ENT, GL, GH, HAS_GH: tl.constexpr):
 
 
 @triton.jit
-def _grad_tile(z, tgt, lse, gl, ent, gh, cols64, nmask, vmask, inv_t, eps,
+def _grad_tile(z, tgt, lse, gl, ent, gh, cols64, nmask, vmask, inv_t, tile_eps,
                HAS_GH: tl.constexpr, FILTER: tl.constexpr):
     """g = dL/dz for a recomputed (BLOCK_N, BLOCK_V) logits tile z (before 1/T), and whether it is kept (exact=False:
-    skipped iff every softmax entry is < eps and no target lies in the tile)."""
+    skipped iff no target lies in the tile and every row's softmax mass in it is < tile_eps)."""
     logp = z * inv_t - lse[:, None]
     valid = nmask[:, None] & vmask[None, :]
     p = tl.where(valid, tl.exp(logp), 0.0)
@@ -119,7 +124,7 @@ def _grad_tile(z, tgt, lse, gl, ent, gh, cols64, nmask, vmask, inv_t, eps,
     g = tl.where(valid, g * inv_t, 0.0)
     keep = True
     if FILTER:
-        keep = (tl.max(tl.max(p, 1), 0) >= eps) | (tl.sum(tl.sum(onehot.to(tl.int32), 1), 0) > 0)
+        keep = (tl.max(tl.sum(p, 1), 0) >= tile_eps) | (tl.sum(tl.sum(onehot.to(tl.int32), 1), 0) > 0)
     return g, keep
 
 
@@ -230,7 +235,7 @@ def _owned_block(pid, i, nprog, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def _dh_kernel(H, W, B, ROWS, TGT, LSE, ENT, GL, GH, DH, SLAB, SKIPS,
-               M, V, D, stride_hn, stride_wv, inv_t, eps, blocks_per_prog, nprog,
+               M, V, D, stride_hn, stride_wv, inv_t, tile_eps, blocks_per_prog, nprog,
                HAS_BIAS: tl.constexpr, HAS_GH: tl.constexpr, FILTER: tl.constexpr, IEEE: tl.constexpr,
                UPCAST: tl.constexpr, IN_PLACE: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -246,7 +251,8 @@ def _dh_kernel(H, W, B, ROWS, TGT, LSE, ENT, GL, GH, DH, SLAB, SKIPS,
                 cols64, vmask = _span(v0, V, BLOCK_V)
                 z = _logits_tile(H, W, B, rows64, cols64, nmask, vmask, D, stride_hn, stride_wv,
                                  HAS_BIAS, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
-                g, keep = _grad_tile(z, tgt, lse, gl, ent, gh, cols64, nmask, vmask, inv_t, eps, HAS_GH, FILTER)
+                g, keep = _grad_tile(z, tgt, lse, gl, ent, gh, cols64, nmask, vmask, inv_t, tile_eps, HAS_GH,
+                                     FILTER)
                 if keep:
                     _add_product(acc_base, acc_rows, nmask, _operand(g, W, UPCAST), W, cols64, vmask, stride_wv, D,
                                  IEEE, UPCAST, BLOCK_D)
@@ -260,7 +266,7 @@ def _dh_kernel(H, W, B, ROWS, TGT, LSE, ENT, GL, GH, DH, SLAB, SKIPS,
 
 @triton.jit
 def _dw_kernel(H, W, B, ROWS, TGT, LSE, ENT, GL, GH, DW, DB, SLAB, SKIPS,
-               M, V, D, stride_hn, stride_wv, inv_t, eps, blocks_per_prog, nprog,
+               M, V, D, stride_hn, stride_wv, inv_t, tile_eps, blocks_per_prog, nprog,
                HAS_BIAS: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, HAS_GH: tl.constexpr,
                FILTER: tl.constexpr,
                IEEE: tl.constexpr, UPCAST: tl.constexpr, IN_PLACE: tl.constexpr,
@@ -280,7 +286,8 @@ def _dw_kernel(H, W, B, ROWS, TGT, LSE, ENT, GL, GH, DW, DB, SLAB, SKIPS,
                 rows64, tgt, lse, gl, ent, gh = _row_stats(idx64, nmask, ROWS, TGT, LSE, ENT, GL, GH, HAS_GH)
                 z = _logits_tile(H, W, B, rows64, cols64, nmask, vmask, D, stride_hn, stride_wv,
                                  HAS_BIAS, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
-                g, keep = _grad_tile(z, tgt, lse, gl, ent, gh, cols64, nmask, vmask, inv_t, eps, HAS_GH, FILTER)
+                g, keep = _grad_tile(z, tgt, lse, gl, ent, gh, cols64, nmask, vmask, inv_t, tile_eps, HAS_GH,
+                                     FILTER)
                 if keep:
                     if NEED_DB:
                         db += tl.sum(g, 0)
@@ -364,11 +371,14 @@ def _triton_backward(h, w, b, rows, tgt, lse, ent, gl, gh, o: FusedLinearOptions
         bias = b if b is not None else h
         common = dict(HAS_BIAS=b is not None, HAS_GH=has_gh, FILTER=filt, IEEE=h.dtype == f32,
                       UPCAST=_interp_upcast(h), IN_PLACE=in_place, BLOCK_D=o.block_d)
-        scalars = (M, V, D, h.stride(0), w.stride(0), 1.0 / o.temperature, o.eps_for(h.dtype))
+        scalars = (M, V, D, h.stride(0), w.stride(0), 1.0 / o.temperature)
+        # exact=False: a row's softmax mass in a skipped tile is < filter_eps / (its number of vocabulary tiles)
+        eps = o.eps_for(h.dtype)
         if need_dh:
             skips = torch.zeros(nb_n if filt else 1, dtype=torch.int32, device=h.device)
             _dh_kernel[(grid_dh[0],)](h, w, bias, rows, tgt, lse, ent, gl, gh, dH,
-                                      dH if in_place else scratch, skips, *scalars, grid_dh[1], grid_dh[0],
+                                      dH if in_place else scratch, skips, *scalars, eps / triton_cdiv(V, loop),
+                                      grid_dh[1], grid_dh[0],
                                       BLOCK_N=own, BLOCK_V=loop, **common)
             if filt:
                 last_skipped["dh"] = skips
@@ -377,7 +387,7 @@ def _triton_backward(h, w, b, rows, tgt, lse, ent, gl, gh, o: FusedLinearOptions
             dw_out = dW if need_dw else lse  # bias only: the dW pass still runs (it owns db) but writes no dW
             _dw_kernel[(grid_dw[0],)](h, w, bias, rows, tgt, lse, ent, gl, gh, dw_out, db if need_db else lse,
                                       dw_out if (in_place or not need_dw) else scratch, skips,
-                                      *scalars, grid_dw[1], grid_dw[0], NEED_DW=need_dw, NEED_DB=need_db,
+                                      *scalars, eps / nb_v, grid_dw[1], grid_dw[0], NEED_DW=need_dw, NEED_DB=need_db,
                                       BLOCK_N=loop, BLOCK_V=own, **common)
             if filt:
                 last_skipped["dw"] = skips

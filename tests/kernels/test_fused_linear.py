@@ -589,3 +589,17 @@ def test_triton_peak_memory_is_o_n_plus_scratch(monkeypatch):
         assert e <= scratch + 65536 + per_row * n, (n, e)
         assert e < 4 * V * D, (n, e)  # an fp32 copy of dW alone would exceed this
     assert extra[large] - extra[small] <= per_row * (large - small), extra
+
+
+def test_split_passes_filtering_bounds_the_skipped_mass(small_blocks):
+    """A flat distribution: every softmax entry (~1/101) is below filter_eps = 0.05, yet the tiles hold most of the
+    mass. A per-entry rule (Cut Cross-Entropy's) would skip every tile without a target and lose ~3/4 of each row's
+    gradient; the triton rule (a row's mass in a skipped tile < filter_eps / number of tiles) skips none."""
+    h, w, b, tgt, cl, ch = _split_case(101, N=45, seed=12)
+    w, b = w * 0.01, b * 0.01  # logits within +-0.1: p in [0.0080, 0.0122]
+    ref = _split_reference(h, w, b, tgt, cl, ch)
+    filt = _split_run(h, w, b, tgt, cl, ch, torch.float32, exact=False, filter_eps=0.05)
+    assert float(torch.softmax((h @ w.t() + b) / TEMP, -1).max()) < 0.05
+    assert int(flt.last_skipped["dh"].sum()) == 0 and int(flt.last_skipped["dw"].sum()) == 0
+    for name, x, y in zip(("dH", "dW", "dbias"), filt[2:], ref[2:]):
+        assert _rel(x, y) < 1e-5, name
