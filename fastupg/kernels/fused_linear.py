@@ -32,10 +32,14 @@ Gradient of one row (u = z / T the tempered logits, p = softmax(u), l = log p[y]
     dL/dz_j = [ dL/dl * (onehot_j - p_j)  -  dL/dH * p_j * (log p_j + H) ] / T
 so the backward needs only dL/dl and dL/dH per token (O(N)), which any estimator in fastupg.policy_loss provides,
 GSPO included. Rows where both are exactly zero (masked, clipped, weight 0) are compacted away before the
-vocabulary pass. `exact=False` also skips vocabulary tiles whose softmax entries are all below `filter_eps` and that
-contain no target (Cut Cross-Entropy's gradient filtering): each skipped gradient entry is < eps * (|dL/dl| +
-|dL/dH| * |log p + H|) / T, so the error of dH/dW is bounded by eps times the row gradient scale times the number of
-skipped columns; the tests accept a relative error of 1e-2 for exact=False.
+vocabulary pass. `exact=False` also skips vocabulary tiles that contain no target and hold negligible probability:
+  chunked: tiles whose softmax entries are all below `filter_eps` (Cut Cross-Entropy's gradient filtering): each
+           skipped gradient entry is < eps * (|dL/dl| + |dL/dH| * |log p + H|) / T, so the error of dH/dW is bounded
+           by eps times the row gradient scale times the number of skipped columns;
+  triton:  tiles where every row's softmax mass is below filter_eps / (number of vocabulary tiles), so each row loses
+           less than filter_eps of mass whatever the distribution: its gradient changes by
+           < eps * (|dL/dl| + |dL/dH| * (H + log(V / eps))) / T in L1 norm (see _fused_linear_triton.py).
+The tests accept a relative error of 1e-2 for exact=False.
 
 Precision (the same whatever the caller's autocast state: autocast is switched off inside, forward and backward):
 the statistics (log-sum-exp, entropy) and the returned log-probs are float32 (float64 for float64 inputs,
