@@ -20,6 +20,8 @@ batch: no token is clipped, so no row is skipped and every method does the full 
                                (torch.cuda.max_memory_allocated on GPU; bytes requested through the dispatcher on CPU)
     x_gemm                     total / total of the three bare GEMMs of the same shapes (logits, dH, dW): the roofline
     x_liger                    Liger-Kernel total / this total (speed-up over LigerFusedLinearGRPOLoss)
+    x_chunked                  fastupg-chunked total / this total (e.g. the atomic-free split-pass fastupg-triton
+                               against the default impl, same run)
 
 Methods: fastupg-{triton,chunked,torch}, eager (logits + log_softmax + fastupg.policy_loss), compile (the same under
 torch.compile), liger (LigerFusedLinearGRPOLoss, loss_type='dapo'), cce (cut_cross_entropy.linear_cross_entropy: the
@@ -182,7 +184,8 @@ METHODS = {
 GPU_ONLY = {"fastupg-triton", "fastupg-triton-sft", "liger", "cce", "compile"}
 QUICK = ("fastupg-chunked", "fastupg-torch", "eager", "gemm")  # --quick (CPU, CI): one row per kind of path
 # slow or memory-hungry peers: skipped above --slow-max-n tokens so that one GPU call covers every size
-SLOW = {"fastupg-triton", "fastupg-triton-sft", "fastupg-torch", "eager", "compile", "liger", "cce",
+# (fastupg-triton is timed at every size since its backward became atomic-free split passes: the peer of the default)
+SLOW = {"fastupg-triton-sft", "fastupg-torch", "eager", "compile", "liger", "cce",
         "fastupg-chunked-sft"}  # (the -sft row is the peer of cce)
 
 
@@ -339,9 +342,11 @@ def main(argv=None):
                 print(f"# N={N} D={D} {block[-1]}", flush=True)
             gemm = next((r for r in block if r["method"] == "gemm" and r.get("total_ms")), None)
             liger = next((r for r in block if r["method"] == "liger" and r.get("total_ms")), None)
+            chunked = next((r for r in block if r["method"] == "fastupg-chunked" and r.get("total_ms")), None)
             for r in block:
                 r["x_gemm"] = r["total_ms"] / gemm["total_ms"] if (gemm and r.get("total_ms")) else None
                 r["x_liger"] = liger["total_ms"] / r["total_ms"] if (liger and r.get("total_ms")) else None
+                r["x_chunked"] = chunked["total_ms"] / r["total_ms"] if (chunked and r.get("total_ms")) else None
                 print(_fmt(r), flush=True)
             rows += block
             del p
@@ -361,7 +366,7 @@ def main(argv=None):
     if a.csv:
         os.makedirs(os.path.dirname(a.csv) or ".", exist_ok=True)
         cols = ["method", "N", "D", "V", "fwd_ms", "bwd_ms", "total_ms", "peak_extra_mib", "x_gemm", "x_liger",
-                "status"]
+                "x_chunked", "status"]
         with open(a.csv, "w", newline="") as f:
             wr = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
             wr.writeheader()
@@ -402,12 +407,12 @@ def _fmt(r):
 
 def _table(rows):
     hdr = f"{'method':>20} {'N':>7} {'D':>5} {'fwd ms':>9} {'bwd ms':>9} {'total ms':>9} {'peak+ MiB':>10} " \
-          f"{'x gemm':>7} {'x liger':>8}  status"
+          f"{'x gemm':>7} {'x liger':>8} {'x chunked':>9}  status"
     lines = [hdr, "-" * len(hdr)]
     for r in rows:
         lines.append(f"{r['method']:>20} {r['N']:>7} {r['D']:>5} {_f(r.get('fwd_ms')):>9} {_f(r.get('bwd_ms')):>9} "
                      f"{_f(r.get('total_ms')):>9} {_f(r.get('peak_extra_mib'), 1):>10} {_f(r.get('x_gemm')):>7} "
-                     f"{_f(r.get('x_liger')):>8}  {r['status']}")
+                     f"{_f(r.get('x_liger')):>8} {_f(r.get('x_chunked')):>9}  {r['status']}")
     return "\n".join(lines)
 
 

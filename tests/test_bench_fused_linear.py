@@ -19,6 +19,7 @@ def test_quick_mode_writes_rows_json_and_plots(tmp_path):
         assert r["total_ms"] > 0 and r["peak_extra_mib"] is not None
     gemm = [r for r in rows if r["method"] == "gemm"]
     assert all(r["x_gemm"] == 1.0 for r in gemm)
+    assert all(r["x_chunked"] == 1.0 for r in rows if r["method"] == "fastupg-chunked")  # the column of the peer
     doc = json.loads((tmp_path / "fused_linear.json").read_text())
     assert len(doc["benchmarks"]) == len(rows)
     assert (tmp_path / "fused_linear_D_40.png").stat().st_size > 1000

@@ -1,34 +1,45 @@
-"""Triton kernels of the fused linear + log-softmax (fastupg.kernels.fused_linear).
+"""Triton kernels of the fused linear + log-softmax (fastupg.kernels.fused_linear), impl="triton".
 
-Two kernels, neither of which ever stores a logit in global memory:
+No kernel ever stores a logit in global memory, and no kernel uses atomics: every output tile is owned by exactly
+one program (the split-pass scheme of issue 13; Cut Cross-Entropy's own backward is one kernel with lock-guarded
+adds, Liger's is chunked cuBLAS).
 
-* `_fwd_kernel`   one program per block of BLOCK_N rows. It walks the vocabulary in BLOCK_V tiles; each tile of
+* `_fwd_kernel`   one program per block of block_n rows. It walks the vocabulary in block_v tiles; each tile of
   logits z = (H W^T + b) / T is built with tl.dot over BLOCK_D slices of D (fp32 accumulation) and folded into an
   online log-sum-exp (running max m, s = sum e^{z-m}, t = sum e^{z-m} (z-m)), the target logit and, when asked,
   the entropy H = log s - t / s. It writes O(N): logp, lse, entropy.
 
-* `_bwd_kernel`   one program per (row block, vocab block) tile over the *compacted* rows (rows whose dL/dl and
-  dL/dH are exactly zero are never launched). It recomputes the logits tile, forms
-      g = [ dL/dl * (onehot - p) - dL/dH * p * (log p + H) ] / T
-  and adds g @ W[vblock] into dH[rows] and g^T @ H[rows] into dW[vblock] with fp32 atomics, D slice by D slice.
+* backward, over the *compacted* rows only (rows whose dL/dl and dL/dH are exactly zero are never visited), in two
+  passes that each recompute the logits tiles and form
+      g = [ dL/dl * (onehot - p) - dL/dH * p * (log p + H) ] / T          (rows x vocabulary tile, fp32)
+  - `_dh_kernel`  program per block of block_n rows, loop over vocabulary tiles of block_v:  dH[rows] += g @ W[tile]
+  - `_dw_kernel`  program per block of block_n vocab entries, loop over row tiles of block_v:
+                  dW[vocab] += g^T @ H[tile], db[vocab] += sum of g over the rows
+  Both passes own blocks of the same size (block_n x D) and walk the other dimension in the same order, so that
+  concurrently running programs share the streamed W (dH pass) or H (dW pass) tiles in L2.
+  Cost: 5 GEMM-equivalents (forward, 2 x recompute, dH, dW) against the 3 of a bare forward + backward.
 
-Why atomics for both dH and dW (not the split-vocab scheme where one program owns a vocab block of dW): the split
-scheme serialises a program over all N/BLOCK_N row blocks (for N = 8k and V = 151936 that is ~1200 programs doing
-64-128 sequential tiles each: fine), but dH then needs atomics anyway (every vocab block writes every row) or a
-second recompute pass (5 GEMM-equivalents instead of 4). With atomics on both, the backward is exactly three
-GEMM-equivalents (recompute, g@W, g^T@H) with full parallelism over N*V/(BLOCK_N*BLOCK_V) tiles, which is what Cut
-Cross-Entropy ships. The cost is fp32 accumulation buffers for dH (N x D) and dW (V x D) -- the gradient buffers
-themselves -- and atomic traffic of (V/BLOCK_V) * N * D + (N/BLOCK_N) * V * D fp32 adds, i.e. the same bytes as
-one extra read of H per vocab block. Grid order: vocab block is the slow index so concurrently running programs
-share the W tile (L2 reuse) while writing different dH rows; they contend on the same dW tile, which is the
-smaller of the two atomic streams when BLOCK_N >= 64. Not measured: no GPU was available when this was written.
+Accumulation. A program's output block (block_n x D) does not fit in registers for D in the thousands, so it is
+accumulated D slice by D slice by read-modify-write in global memory, in fp32, by its only owner (a barrier orders
+each store before the next load):
+  - fp32 gradients: straight in the output buffer (`in place`), one program per owner block;
+  - 16-bit gradients: in a per-program fp32 slab (block_n x D) of a scratch buffer, rounded once into the output
+    when the block is done (no fp32 copy of dH or dW). The grid is then *persistent*: P programs (P chosen so that
+    the scratch stays within SCRATCH_BYTES, 48 MiB) each walk the owner blocks pid, pid + P, ... reusing their slab.
+    Memory beyond the inputs and the gradient outputs: O(N) statistics + the scratch (<= 48 MiB), whatever N and V.
+  The trade-off: with block_n = 64, bf16, each pass runs 128 programs at D = 1536 and 54 at D = 3584 (an H100 has
+  132 SMs). Not yet measured; if the profile shows idle SMs at large D, the knob is exactly this one (a smaller
+  owner block, or a larger scratch budget against the 64 MiB goal of issue 13).
 
-Arithmetic intensity to watch when measuring: a BLOCK_N x BLOCK_V tile does 6 * BLOCK_N * BLOCK_V * D FLOPs (logits,
-dH, dW) against (BLOCK_N + BLOCK_V) * D fp32 atomic adds, i.e. 6 * BN * BV / (BN + BV) FLOPs per atomic: 256 at
-64 x 128, 512 at 128 x 256. At H100 bf16 rates (~700 TFLOP/s dense) 64 x 128 tiles would need ~2.7e12 atomics/s,
-which L2 atomics may not sustain; if the profile shows atomic stalls, the next steps are (1) 128 x 256 backward tiles,
-(2) Cut Cross-Entropy's lock-guarded plain read-add-write of a whole BLOCK x BLOCK_D slab (one lock per row/vocab
-block instead of one atomic per element), (3) exact=False gradient filtering, which skips both GEMMs of most tiles.
+Gradient filtering (exact=False), with a bound that holds whatever the distribution: a tile of g is skipped (both
+GEMMs of the tile; in the dW pass also its bias contribution) iff it holds no target and, for every row, the softmax
+mass in the tile is < filter_eps / n, n = the number of vocabulary tiles of the pass. A row therefore loses less than
+filter_eps of probability mass in each pass, and its gradient row g changes by less than
+    filter_eps * (|dL/dl| + |dL/dH| * (H + log(V / filter_eps))) / T           (L1 norm)
+(sum of p_j |log p_j + H| over the skipped j, with their total mass < filter_eps). Cut Cross-Entropy's rule (every
+entry < filter_eps; the chunked impl's) bounds each skipped entry but not their sum: a flat distribution over a
+large vocabulary would lose almost all of its mass. The number of skipped tiles per owner block is written to a
+small int32 buffer (`last_skipped`, for tests and profiling).
 """
 from __future__ import annotations
 
@@ -37,6 +48,10 @@ import triton
 import triton.language as tl
 
 from fastupg.kernels._fused_linear_common import FusedLinearOptions
+
+SCRATCH_BYTES = 48 * 2 ** 20   # fp32 slabs of the persistent grid (16-bit gradients only)
+ACCUMULATE_IN_OUTPUT = True    # fp32 gradients accumulate in the output buffer; False forces the slab path (tests)
+last_skipped: dict = {}        # exact=False: {"dh": int32 per row block, "dw": int32 per vocab block} of the last call
 
 
 @triton.jit
@@ -53,17 +68,24 @@ def _mm(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _logits_tile(H, W, B, rows64, cols64, nmask, vmask, D, stride_hn, stride_hd, stride_wv, stride_wd,
+def _span(start, n, BLOCK: tl.constexpr):
+    """int64 offsets start .. start + BLOCK - 1 and their mask (< n): one tile of rows or vocabulary columns."""
+    offs = start + tl.arange(0, BLOCK)
+    return offs.to(tl.int64), offs < n
+
+
+@triton.jit
+def _logits_tile(H, W, B, rows64, cols64, nmask, vmask, D, stride_hn, stride_wv,
                  HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(BLOCK_N, BLOCK_V) fp32 tile of H[rows] @ W[cols]^T (+ b[cols]): recomputed by the forward and backward."""
+    """(BLOCK_N, BLOCK_V) fp32 tile of H[rows] @ W[cols]^T (+ b[cols]): recomputed by the forward and both passes."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         dmask = offs_d < D
-        h = tl.load(H + rows64[:, None] * stride_hn + offs_d[None, :] * stride_hd,
+        h = tl.load(H + rows64[:, None] * stride_hn + offs_d[None, :],
                     mask=nmask[:, None] & dmask[None, :], other=0.0)
-        w = tl.load(W + cols64[None, :] * stride_wv + offs_d[:, None] * stride_wd,
+        w = tl.load(W + cols64[None, :] * stride_wv + offs_d[:, None],
                     mask=vmask[None, :] & dmask[:, None], other=0.0)
         acc = _mm(h, w, acc, IEEE, UPCAST)
     if HAS_BIAS:
@@ -72,16 +94,106 @@ def _logits_tile(H, W, B, rows64, cols64, nmask, vmask, D, stride_hn, stride_hd,
 
 
 @triton.jit
+def _row_stats(idx64, nmask, ROWS, TGT, LSE, ENT, GL, GH, HAS_GH: tl.constexpr):
+    """Per-row inputs of the backward at compacted indices idx64: original row, target, lse, dL/dl (entropy, dL/dH)."""
+    rows64 = tl.load(ROWS + idx64, mask=nmask, other=0).to(tl.int64)
+    tgt = tl.load(TGT + idx64, mask=nmask, other=0).to(tl.int64)
+    lse = tl.load(LSE + idx64, mask=nmask, other=0.0)
+    gl = tl.load(GL + idx64, mask=nmask, other=0.0)
+    if HAS_GH:
+        ent = tl.load(ENT + idx64, mask=nmask, other=0.0)
+        gh = tl.load(GH + idx64, mask=nmask, other=0.0)
+    else:
+        ent = lse
+        gh = gl
+    return rows64, tgt, lse, gl, ent, gh
+
+
+@triton.jit
+def _grad_tile(z, tgt, lse, gl, ent, gh, cols64, nmask, vmask, inv_t, tile_eps,
+               HAS_GH: tl.constexpr, FILTER: tl.constexpr):
+    """g = dL/dz for a recomputed (BLOCK_N, BLOCK_V) logits tile z (before 1/T), and whether it is kept (exact=False:
+    skipped iff no target lies in the tile and every row's softmax mass in it is < tile_eps)."""
+    logp = z * inv_t - lse[:, None]
+    valid = nmask[:, None] & vmask[None, :]
+    p = tl.where(valid, tl.exp(logp), 0.0)
+    onehot = (cols64[None, :] == tgt[:, None]) & valid
+    g = gl[:, None] * (tl.where(onehot, 1.0, 0.0) - p)
+    if HAS_GH:
+        g -= gh[:, None] * p * (logp + ent[:, None])
+    g = tl.where(valid, g * inv_t, 0.0)
+    keep = True
+    if FILTER:
+        keep = (tl.max(tl.sum(p, 1), 0) >= tile_eps) | (tl.sum(tl.sum(onehot.to(tl.int32), 1), 0) > 0)
+    return g, keep
+
+
+@triton.jit
+def _operand(g, PTR, UPCAST: tl.constexpr):
+    """g as a tl.dot operand: rounded to the inputs' dtype on a GPU (tensor cores, as Cut Cross-Entropy does); kept
+    fp32 under the interpreter (UPCAST), whose fp32 -> bf16 casts are unreliable."""
+    if UPCAST:
+        out = g
+    else:
+        out = g.to(PTR.dtype.element_ty)
+    return out
+
+
+@triton.jit
+def _add_product(ACC, acc_rows64, omask, a, X, xrows64, xmask, stride_x, D,
+                 IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr):
+    """ACC[acc_rows] += a @ X[xrows], D slice by D slice: fp32 read-modify-write by the rows' only owner (the dH pass:
+    a = g, X = W; the dW pass: a = g^T, X = H). The barrier orders each store before the next load of the same
+    addresses by other threads of this program (load and store may use different layouts)."""
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        x = tl.load(X + xrows64[:, None] * stride_x + offs_d[None, :], mask=xmask[:, None] & dmask[None, :], other=0.0)
+        acc = ACC + acc_rows64[:, None] * D + offs_d[None, :]
+        amask = omask[:, None] & dmask[None, :]
+        tl.store(acc, _mm(a, x, tl.load(acc, mask=amask, other=0.0), IEEE, UPCAST), mask=amask)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _slab_fill(SLAB, OUT, slab_rows64, out_rows64, omask, D, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
+               FINISH: tl.constexpr):
+    """FINISH=False: zero the slab rows (start of an owner block). FINISH=True: round the slab rows into OUT."""
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        m = omask[:, None] & (offs_d < D)[None, :]
+        slab = SLAB + slab_rows64[:, None] * D + offs_d[None, :]
+        if FINISH:
+            acc = tl.load(slab, mask=m, other=0.0)
+            tl.store(OUT + out_rows64[:, None] * D + offs_d[None, :], acc.to(OUT.dtype.element_ty), mask=m)
+        else:
+            tl.store(slab, tl.zeros((BLOCK_O, BLOCK_D), tl.float32), mask=m)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _owner_accumulator(OUT, SLAB, out_rows64, omask, pid, D, IN_PLACE: tl.constexpr, USED: tl.constexpr,
+                       BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Where an owner block's fp32 sums live: the output rows themselves (fp32 output, zeroed by the host), or this
+    program's slab of the scratch (16-bit output), zeroed here and rounded into OUT when the block is done."""
+    if IN_PLACE:
+        base = OUT
+        rows = out_rows64
+    else:
+        base = SLAB
+        rows = (pid * BLOCK_O + tl.arange(0, BLOCK_O)).to(tl.int64)
+        if USED:
+            _slab_fill(SLAB, OUT, rows, out_rows64, omask, D, BLOCK_O, BLOCK_D, False)
+    return base, rows
+
+
+@triton.jit
 def _fwd_kernel(H, W, B, TGT, LOGP, LSE, ENT,
-                N, V, D,
-                stride_hn, stride_hd, stride_wv, stride_wd,
-                inv_t,
+                N, V, D, stride_hn, stride_wv, inv_t,
                 HAS_BIAS: tl.constexpr, RETURN_ENT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
-    rows64 = offs_n.to(tl.int64)
+    rows64, nmask = _span(pid * BLOCK_N, N, BLOCK_N)
     tgt = tl.load(TGT + rows64, mask=nmask, other=0).to(tl.int64)
 
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
@@ -89,10 +201,8 @@ def _fwd_kernel(H, W, B, TGT, LOGP, LSE, ENT,
     t = tl.zeros((BLOCK_N,), tl.float32)
     zt = tl.zeros((BLOCK_N,), tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
-        vmask = offs_v < V
-        cols64 = offs_v.to(tl.int64)
-        acc = _logits_tile(H, W, B, rows64, cols64, nmask, vmask, D, stride_hn, stride_hd, stride_wv, stride_wd,
+        cols64, vmask = _span(v0, V, BLOCK_V)
+        acc = _logits_tile(H, W, B, rows64, cols64, nmask, vmask, D, stride_hn, stride_wv,
                            HAS_BIAS, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
         z = acc * inv_t
         z = tl.where(vmask[None, :], z, float("-inf"))
@@ -115,73 +225,83 @@ def _fwd_kernel(H, W, B, TGT, LOGP, LSE, ENT,
 
 
 @triton.jit
-def _bwd_kernel(H, W, B, ROWS, TGT, LSE, ENT, GL, GH, DH, DW, DB,
-                M, V, D,
-                stride_hn, stride_hd, stride_wv, stride_wd, stride_dhn, stride_dwv,
-                inv_t, eps,
-                HAS_BIAS: tl.constexpr, HAS_GH: tl.constexpr, FILTER: tl.constexpr, IEEE: tl.constexpr,
-                UPCAST: tl.constexpr,
-                NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    # M = number of compacted rows; ROWS[i] is the original row of compacted row i. TGT/LSE/ENT/GL/GH are compacted.
+def _owned_block(pid, i, nprog, n, BLOCK: tl.constexpr):
+    """The i-th owner block of program pid in the persistent grid (blocks pid, pid + nprog, ...): its index, int64
+    offsets and mask, and whether it exists."""
+    blk = pid + i * nprog
+    offs64, mask = _span(blk * BLOCK, n, BLOCK)
+    return blk, offs64, mask, blk < tl.cdiv(n, BLOCK)
+
+
+@triton.jit
+def _dh_kernel(H, W, B, ROWS, TGT, LSE, ENT, GL, GH, DH, SLAB, SKIPS,
+               M, V, D, stride_hn, stride_wv, inv_t, tile_eps, blocks_per_prog, nprog,
+               HAS_BIAS: tl.constexpr, HAS_GH: tl.constexpr, FILTER: tl.constexpr, IEEE: tl.constexpr,
+               UPCAST: tl.constexpr, IN_PLACE: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dH[rows] = sum over vocabulary tiles of g @ W[tile]; program pid owns row blocks pid, pid + nprog, ..."""
     pid = tl.program_id(0)
-    num_nb = tl.cdiv(M, BLOCK_N)
-    pid_v = pid // num_nb
-    pid_n = pid % num_nb
-    offs_i = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_i < M
-    idx64 = offs_i.to(tl.int64)
-    rows64 = tl.load(ROWS + idx64, mask=nmask, other=0).to(tl.int64)
-    tgt = tl.load(TGT + idx64, mask=nmask, other=0).to(tl.int64)
-    lse = tl.load(LSE + idx64, mask=nmask, other=0.0)
-    gl = tl.load(GL + idx64, mask=nmask, other=0.0)
+    for i in range(0, blocks_per_prog):
+        blk, idx64, nmask, live = _owned_block(pid, i, nprog, M, BLOCK_N)
+        if live:
+            rows64, tgt, lse, gl, ent, gh = _row_stats(idx64, nmask, ROWS, TGT, LSE, ENT, GL, GH, HAS_GH)
+            acc_base, acc_rows = _owner_accumulator(DH, SLAB, rows64, nmask, pid, D, IN_PLACE, True, BLOCK_N, BLOCK_D)
+            skipped = 0
+            for v0 in range(0, V, BLOCK_V):
+                cols64, vmask = _span(v0, V, BLOCK_V)
+                z = _logits_tile(H, W, B, rows64, cols64, nmask, vmask, D, stride_hn, stride_wv,
+                                 HAS_BIAS, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
+                g, keep = _grad_tile(z, tgt, lse, gl, ent, gh, cols64, nmask, vmask, inv_t, tile_eps, HAS_GH,
+                                     FILTER)
+                if keep:
+                    _add_product(acc_base, acc_rows, nmask, _operand(g, W, UPCAST), W, cols64, vmask, stride_wv, D,
+                                 IEEE, UPCAST, BLOCK_D)
+                else:
+                    skipped += 1
+            if not IN_PLACE:
+                _slab_fill(SLAB, DH, acc_rows, rows64, nmask, D, BLOCK_N, BLOCK_D, True)
+            if FILTER:
+                tl.store(SKIPS + blk, skipped)
 
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    vmask = offs_v < V
-    cols64 = offs_v.to(tl.int64)
 
-    acc = _logits_tile(H, W, B, rows64, cols64, nmask, vmask, D, stride_hn, stride_hd, stride_wv, stride_wd,
-                       HAS_BIAS, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
-    logp = acc * inv_t - lse[:, None]
-    valid = nmask[:, None] & vmask[None, :]
-    p = tl.where(valid, tl.exp(logp), 0.0)
-    onehot = (cols64[None, :] == tgt[:, None]) & valid
-    g = gl[:, None] * (tl.where(onehot, 1.0, 0.0) - p)
-    if HAS_GH:
-        ent = tl.load(ENT + idx64, mask=nmask, other=0.0)
-        gh = tl.load(GH + idx64, mask=nmask, other=0.0)
-        g -= gh[:, None] * p * (logp + ent[:, None])
-    g = tl.where(valid, g * inv_t, 0.0)
-
-    keep = True
-    if FILTER:
-        # Cut Cross-Entropy style gradient filtering: a tile whose softmax entries are all < eps and that holds no
-        # target contributes < eps * |dL/dl| (+ the same order for the entropy term) per entry: skip its two GEMMs.
-        keep = (tl.max(tl.max(p, 1), 0) >= eps) | (tl.sum(tl.sum(onehot.to(tl.int32), 1), 0) > 0)
-    if keep:
-        if HAS_BIAS:
-            tl.atomic_add(DB + cols64, tl.sum(g, 0), mask=vmask)
-        if UPCAST:  # interpreter: its fp32 -> bf16 casts are unreliable too; keep g in fp32 there
-            gd = g
-            gdt = tl.trans(g)
-        else:       # GPU: g rounded to the input dtype feeds the tensor cores (as Cut Cross-Entropy does)
-            gd = g.to(W.dtype.element_ty)
-            gdt = tl.trans(g).to(H.dtype.element_ty)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            dmask = offs_d < D
-            if NEED_DH:
-                w = tl.load(W + cols64[:, None] * stride_wv + offs_d[None, :] * stride_wd,
-                            mask=vmask[:, None] & dmask[None, :], other=0.0)
-                dh = _mm(gd, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), IEEE, UPCAST)
-                tl.atomic_add(DH + rows64[:, None] * stride_dhn + offs_d[None, :], dh,
-                              mask=nmask[:, None] & dmask[None, :])
-            if NEED_DW:
-                h = tl.load(H + rows64[:, None] * stride_hn + offs_d[None, :] * stride_hd,
-                            mask=nmask[:, None] & dmask[None, :], other=0.0)
-                dw = _mm(gdt, h, tl.zeros((BLOCK_V, BLOCK_D), tl.float32), IEEE, UPCAST)
-                tl.atomic_add(DW + cols64[:, None] * stride_dwv + offs_d[None, :], dw,
-                              mask=vmask[:, None] & dmask[None, :])
+@triton.jit
+def _dw_kernel(H, W, B, ROWS, TGT, LSE, ENT, GL, GH, DW, DB, SLAB, SKIPS,
+               M, V, D, stride_hn, stride_wv, inv_t, tile_eps, blocks_per_prog, nprog,
+               HAS_BIAS: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, HAS_GH: tl.constexpr,
+               FILTER: tl.constexpr,
+               IEEE: tl.constexpr, UPCAST: tl.constexpr, IN_PLACE: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dW[vocab] = sum over compacted row tiles of g^T @ H[tile] (db = sum of g); program pid owns vocab blocks
+    pid, pid + nprog, ..."""
+    pid = tl.program_id(0)
+    for i in range(0, blocks_per_prog):
+        blk, cols64, vmask, live = _owned_block(pid, i, nprog, V, BLOCK_V)
+        if live:
+            acc_base, acc_rows = _owner_accumulator(DW, SLAB, cols64, vmask, pid, D, IN_PLACE, NEED_DW, BLOCK_V,
+                                                    BLOCK_D)
+            db = tl.zeros((BLOCK_V,), tl.float32)
+            skipped = 0
+            for n0 in range(0, M, BLOCK_N):
+                idx64, nmask = _span(n0, M, BLOCK_N)
+                rows64, tgt, lse, gl, ent, gh = _row_stats(idx64, nmask, ROWS, TGT, LSE, ENT, GL, GH, HAS_GH)
+                z = _logits_tile(H, W, B, rows64, cols64, nmask, vmask, D, stride_hn, stride_wv,
+                                 HAS_BIAS, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
+                g, keep = _grad_tile(z, tgt, lse, gl, ent, gh, cols64, nmask, vmask, inv_t, tile_eps, HAS_GH,
+                                     FILTER)
+                if keep:
+                    if NEED_DB:
+                        db += tl.sum(g, 0)
+                    if NEED_DW:
+                        _add_product(acc_base, acc_rows, vmask, _operand(tl.trans(g), H, UPCAST), H, rows64, nmask,
+                                     stride_hn, D, IEEE, UPCAST, BLOCK_D)
+                else:
+                    skipped += 1
+            if NEED_DW and not IN_PLACE:
+                _slab_fill(SLAB, DW, acc_rows, cols64, vmask, D, BLOCK_V, BLOCK_D, True)
+            if NEED_DB:
+                tl.store(DB + cols64, db, mask=vmask)
+            if FILTER:
+                tl.store(SKIPS + blk, skipped)
 
 
 # -- host side: launches (called by fastupg.kernels.fused_linear) --------------------------------------------------
@@ -195,10 +315,9 @@ def _triton_forward(h, w, b, tgt, o: FusedLinearOptions):
         return logp, lse, (ent if o.return_entropy else None)
     grid = (triton_cdiv(N, o.block_n),)
     _fwd_kernel[grid](h, w, b if b is not None else h, tgt, logp, lse, ent,
-                      N, V, D, h.stride(0), h.stride(1), w.stride(0), w.stride(1),
-                      1.0 / o.temperature,
-                      HAS_BIAS=b is not None, RETURN_ENT=o.return_entropy, IEEE=h.dtype == torch.float32, UPCAST=_interp_upcast(h),
-                      BLOCK_N=o.block_n, BLOCK_V=o.block_v, BLOCK_D=o.block_d)
+                      N, V, D, h.stride(0), w.stride(0), 1.0 / o.temperature,
+                      HAS_BIAS=b is not None, RETURN_ENT=o.return_entropy, IEEE=h.dtype == torch.float32,
+                      UPCAST=_interp_upcast(h), BLOCK_N=o.block_n, BLOCK_V=o.block_v, BLOCK_D=o.block_d)
     return logp, lse, (ent if o.return_entropy else None)
 
 
@@ -211,25 +330,65 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+def _grid(num_blocks: int, block: int, D: int, in_place: bool) -> tuple[int, int]:
+    """(programs, owner blocks per program): one program per block when accumulating in place, else as many as
+    SCRATCH_BYTES of fp32 slabs (block x D each) allow, each walking several blocks (persistent grid)."""
+    if in_place:
+        return num_blocks, 1
+    nprog = max(1, min(num_blocks, SCRATCH_BYTES // (block * D * 4)))
+    return nprog, triton_cdiv(num_blocks, nprog)
+
+
 def _triton_backward(h, w, b, rows, tgt, lse, ent, gl, gh, o: FusedLinearOptions, need_dh, need_dw, need_db):
     N, D = h.shape
     V = w.shape[0]
     M = rows.numel()
     f32 = torch.float32
-    dH = torch.zeros(N, D, dtype=f32, device=h.device) if need_dh else None
-    dW = torch.zeros(V, D, dtype=f32, device=h.device) if need_dw else None
+    # The gradients in the input dtype, accumulated in fp32: in place when that dtype is fp32, else in slabs. Under
+    # the interpreter 16-bit outputs take the fp32 path too (its fp32 -> bf16 casts are unreliable) and are rounded
+    # on the host; on a GPU the slab path writes the 16-bit gradients directly (no fp32 copy of dH or dW).
+    out_dt = f32 if _interp_upcast(h) else h.dtype
+    in_place = out_dt == f32 and ACCUMULATE_IN_OUTPUT
+    dH = torch.zeros(N, D, dtype=out_dt, device=h.device) if need_dh else None  # uncompacted rows stay zero
+    # every dW row belongs to a vocab block whose owner writes it, unless there is nothing to write (M = 0)
+    dW = (torch.zeros if (in_place or M == 0) else torch.empty)(V, D, dtype=out_dt, device=h.device) \
+        if need_dw else None
     db = torch.zeros(V, dtype=f32, device=h.device) if need_db else None
+    last_skipped.clear()
     if M > 0:
+        filt = not o.exact
         has_gh = gh is not None
-        grid = (triton_cdiv(M, o.block_n) * triton_cdiv(V, o.block_v),)
-        dummy = lse
-        _bwd_kernel[grid](h, w, b if b is not None else h, rows, tgt, lse, ent if has_gh else dummy,
-                          gl.to(f32), gh.to(f32) if has_gh else dummy,
-                          dH if need_dh else dummy, dW if need_dw else dummy, db if need_db else dummy,
-                          M, V, D, h.stride(0), h.stride(1), w.stride(0), w.stride(1),
-                          D if need_dh else 0, D if need_dw else 0,
-                          1.0 / o.temperature, o.eps_for(h.dtype),
-                          HAS_BIAS=need_db, HAS_GH=has_gh, FILTER=not o.exact, IEEE=h.dtype == f32, UPCAST=_interp_upcast(h),
-                          NEED_DH=need_dh, NEED_DW=need_dw,
-                          BLOCK_N=o.block_n, BLOCK_V=o.block_v, BLOCK_D=o.block_d)
+        gl = gl.to(f32)
+        gh, ent = (gh.to(f32), ent) if has_gh else (gl, lse)  # unread when HAS_GH is off
+        # both passes own blocks of `own` (rows, resp. vocabulary entries) and loop over tiles of `loop` (vocabulary
+        # entries, resp. rows): same slab size and as many programs in the dW pass as in the dH pass
+        own, loop = o.block_n, o.block_v
+        nb_n, nb_v = triton_cdiv(M, own), triton_cdiv(V, own)
+        grid_dh = _grid(nb_n, own, D, in_place)
+        grid_dw = _grid(nb_v, own, D, in_place)
+        scratch = None if in_place else torch.empty(
+            max(grid_dh[0] if need_dh else 0, grid_dw[0] if need_dw else 0, 1) * own * D, dtype=f32, device=h.device)
+        bias = b if b is not None else h
+        common = dict(HAS_BIAS=b is not None, HAS_GH=has_gh, FILTER=filt, IEEE=h.dtype == f32,
+                      UPCAST=_interp_upcast(h), IN_PLACE=in_place, BLOCK_D=o.block_d)
+        scalars = (M, V, D, h.stride(0), w.stride(0), 1.0 / o.temperature)
+        # exact=False: a row's softmax mass in a skipped tile is < filter_eps / (its number of vocabulary tiles)
+        eps = o.eps_for(h.dtype)
+        if need_dh:
+            skips = torch.zeros(nb_n if filt else 1, dtype=torch.int32, device=h.device)
+            _dh_kernel[(grid_dh[0],)](h, w, bias, rows, tgt, lse, ent, gl, gh, dH,
+                                      dH if in_place else scratch, skips, *scalars, eps / triton_cdiv(V, loop),
+                                      grid_dh[1], grid_dh[0],
+                                      BLOCK_N=own, BLOCK_V=loop, **common)
+            if filt:
+                last_skipped["dh"] = skips
+        if need_dw or need_db:
+            skips = torch.zeros(nb_v if filt else 1, dtype=torch.int32, device=h.device)
+            dw_out = dW if need_dw else lse  # bias only: the dW pass still runs (it owns db) but writes no dW
+            _dw_kernel[(grid_dw[0],)](h, w, bias, rows, tgt, lse, ent, gl, gh, dw_out, db if need_db else lse,
+                                      dw_out if (in_place or not need_dw) else scratch, skips,
+                                      *scalars, eps / nb_v, grid_dw[1], grid_dw[0], NEED_DW=need_dw, NEED_DB=need_db,
+                                      BLOCK_N=loop, BLOCK_V=own, **common)
+            if filt:
+                last_skipped["dw"] = skips
     return (dH.to(h.dtype) if need_dh else None), (dW.to(w.dtype) if need_dw else None), db

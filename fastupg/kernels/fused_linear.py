@@ -12,7 +12,11 @@ Public API
 
 impl (one file each, behind the two public functions of this module, which own validation and autograd)
     "triton"   fully fused Triton kernels (fastupg/kernels/_fused_linear_triton.py); CUDA, or CPU under
-               TRITON_INTERPRET=1 (slow, for tests)
+               TRITON_INTERPRET=1 (slow, for tests). Forward: one pass over the vocabulary per row block (O(N)
+               statistics). Backward without atomics: a dH pass (program per row block, loop over vocabulary
+               tiles) and a dW/db pass (program per vocab block, loop over row tiles), both recomputing the
+               logits tiles; fp32 sums in the fp32 gradient itself or in <= 48 MiB of per-program fp32 slabs
+               (16-bit inputs), so nothing beyond O(N) statistics, that scratch and the gradients is held
     "chunked"  cuBLAS GEMMs per chunk of rows: fp32 logits of one chunk, the logits kernel of
                fastupg.kernels.logits turns them into the gradient (input dtype), dH = g @ W written in place and
                dW += g^T @ H by addmm_ into the gradient; all vocabulary-sized buffers together stay within
@@ -20,17 +24,22 @@ impl (one file each, behind the two public functions of this module, which own v
     "torch"    the plain reference: materialises the N x V logits, autograd does the rest; float64-capable oracle
     None       chunked on CUDA and on CPU with TRITON_INTERPRET=1, torch on plain CPU. Picked by measurement on an
                H100 (benchmarks/RESULTS.md): at N=8192, D=1536, V=151936 bf16, chunked takes 32.8 ms fwd+bwd (2.06x
-               the three bare GEMMs, 386 MiB beyond inputs and gradients), the triton impl 390 ms (its backward
-               accumulates dH/dW with fp32 atomics from every tile: correct, but far from the GEMM roofline).
+               the three bare GEMMs, 386 MiB beyond inputs and gradients), the triton impl of then 390 ms (its
+               backward accumulated dH/dW with fp32 atomics). The atomic-free triton impl of today is not yet
+               measured on a GPU: the default stays chunked until it is.
 
 Gradient of one row (u = z / T the tempered logits, p = softmax(u), l = log p[y], H = -sum p log p):
     dL/dz_j = [ dL/dl * (onehot_j - p_j)  -  dL/dH * p_j * (log p_j + H) ] / T
 so the backward needs only dL/dl and dL/dH per token (O(N)), which any estimator in fastupg.policy_loss provides,
 GSPO included. Rows where both are exactly zero (masked, clipped, weight 0) are compacted away before the
-vocabulary pass. `exact=False` also skips vocabulary tiles whose softmax entries are all below `filter_eps` and that
-contain no target (Cut Cross-Entropy's gradient filtering): each skipped gradient entry is < eps * (|dL/dl| +
-|dL/dH| * |log p + H|) / T, so the error of dH/dW is bounded by eps times the row gradient scale times the number of
-skipped columns; the tests accept a relative error of 1e-2 for exact=False.
+vocabulary pass. `exact=False` also skips vocabulary tiles that contain no target and hold negligible probability:
+  chunked: tiles whose softmax entries are all below `filter_eps` (Cut Cross-Entropy's gradient filtering): each
+           skipped gradient entry is < eps * (|dL/dl| + |dL/dH| * |log p + H|) / T, so the error of dH/dW is bounded
+           by eps times the row gradient scale times the number of skipped columns;
+  triton:  tiles where every row's softmax mass is below filter_eps / (number of vocabulary tiles), so each row loses
+           less than filter_eps of mass whatever the distribution: its gradient changes by
+           < eps * (|dL/dl| + |dL/dH| * (H + log(V / eps))) / T in L1 norm (see _fused_linear_triton.py).
+The tests accept a relative error of 1e-2 for exact=False.
 
 Precision (the same whatever the caller's autocast state: autocast is switched off inside, forward and backward):
 the statistics (log-sum-exp, entropy) and the returned log-probs are float32 (float64 for float64 inputs,
@@ -39,7 +48,7 @@ autocast give fp32 GEMMs; tl.dot; torch.mm(..., out_dtype=fp32) in the chunked i
 backward. g is rounded to the input dtype before the two gradient GEMMs (tensor cores), which accumulate in fp32.
 Across row groups, the chunked impl accumulates dW in the weight's dtype (one bf16 rounding per group of ~800 rows,
 as Liger does per chunk: no fp32 weight-sized buffer; measured 7.7e-3 relative error at 32k tokens, within the bf16
-tolerance); the triton impl accumulates in fp32.
+tolerance); the triton impl accumulates dH and dW in fp32 (per-program slabs) and rounds each once.
 """
 from __future__ import annotations
 
@@ -59,7 +68,8 @@ IMPLS = ("triton", "chunked", "torch")
 
 
 def default_impl(device: torch.device) -> str:
-    """chunked on CUDA (measured 12x faster than the triton impl on an H100) and under TRITON_INTERPRET=1, else torch."""
+    """chunked on CUDA (measured 12x faster than the atomic triton impl on an H100; the atomic-free one is not yet
+    measured) and under TRITON_INTERPRET=1, else torch."""
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return "chunked"
     return "torch"
