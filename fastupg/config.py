@@ -45,6 +45,7 @@ REPORT_TO = ("jsonl", "tensorboard", "wandb")
 ATTN = ("auto", "sdpa", "eager", "flash_attention_2")
 ROLLOUT_ENGINES = ("hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16")
+AGG_SCOPES = ("step", "microbatch")
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,11 @@ class TrainConfig:
     agg: str | None = None              # aggregation mode override (fastupg.estimator.AGGS)
     offline_agg: str | None = None      # separate aggregation of demonstration tokens (official HPT: token-mean)
     agg_norm: float | None = None       # constant of seq-mean-token-sum-norm (None: max_completion_length)
+    agg_scope: str = "step"             # over which tokens the aggregation runs (fastupg's name, docs/math.md §1.4):
+    #                                     step: the whole optimizer step, all micro-batches and ranks (one big batch);
+    #                                     microbatch: each micro-batch on its own, divided by
+    #                                     gradient_accumulation_steps, averaged over ranks (verl's dp_actor; the
+    #                                     official HPT code, configs/hpt-official.yaml)
     online_clip: bool = True            # False: on-policy branch without clipping (official HPT code)
     offline_coef: float | None = None   # coefficient of the demonstration branch (None: preset's 1.0)
     luffy_gamma: float | None = None    # LUFFY policy shaping gamma (None: preset's)
@@ -189,6 +195,7 @@ class TrainConfig:
             raise ValueError(f"resume={self.resume!r} and overwrite_output_dir=true contradict each other: "
                              "continue the run in output_dir, or replace it, not both")
         _one_of("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _one_of("agg_scope", self.agg_scope, AGG_SCOPES)
         for k in ("agg", "offline_agg"):
             if getattr(self, k) is not None:
                 _one_of(k, getattr(self, k), AGGS)

@@ -19,6 +19,7 @@ Run it with `python -m fastupg train --config configs/demo.yaml` (or under torch
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -253,6 +254,15 @@ def hpt_weights(cfg: TrainConfig, reward, group, offline, n_prompts: int):
     return w, P, beta
 
 
+def microbatch_token_weights(est, cfg: TrainConfig, rows: Rows, mb: PackedBatch) -> torch.Tensor:
+    """agg_scope='microbatch' (verl's dp_actor, the official HPT code): the aggregation weight s_t * HPT weight of
+    the micro-batch's response tokens, with s_t computed over THIS micro-batch alone, divided by
+    gradient_accumulation_steps (verl: `loss = loss / self.gradient_accumulation`); FSDP then averages over ranks."""
+    ri = mb.row_index[mb.loss_mask].cpu()
+    s = aggregation_weights(est, torch.ones(len(ri)), rows.offline[ri], ri, padded_len=cfg.max_completion_length)
+    return s * rows.weight[ri].to(s.dtype) / cfg.gradient_accumulation_steps
+
+
 def token_weights(est, cfg: TrainConfig, rows: Rows, info: D.DistInfo) -> list[torch.Tensor]:
     """Aggregation weight s_t * HPT weight of every response token of every local row, with s_t computed
     over the GLOBAL batch (all ranks' kept rows), so that summing token-sum losses over micro-batches and
@@ -364,6 +374,7 @@ class Trainer:
         self.cfg, self.info = cfg, info
         self.log = log if info.is_main else (lambda *a, **k: None)
         self.est = cfg.estimator()
+        self.sum_est = dataclasses.replace(self.est, offline_agg=None)
         # output_dir and resume first (cheap), so that a refused run has done no work
         ckpt.prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite_output_dir, info)
         resume = ckpt.resolve_resume(cfg.resume, cfg.output_dir)
@@ -501,7 +512,8 @@ class Trainer:
         out = []
         for mb in mbs:
             ri = mb.row_index[mb.loss_mask].cpu()
-            w = torch.cat([tok_w[i] for i in mb.rows]).to(dev)
+            w = (torch.cat([tok_w[i] for i in mb.rows]) if self.cfg.agg_scope == "step"
+                 else microbatch_token_weights(self.est, self.cfg, rows, mb)).to(dev)
             x = dict(adv=rows.adv[ri].to(dev), offline=rows.offline[ri].to(dev), weight=w,
                      seq_ids=mb.row_index[mb.loss_mask])
             if rows.sampler_logp is not None:   # demonstrations: NaN, outside the correction's mask
@@ -552,11 +564,14 @@ class Trainer:
             weight = x["weight"].to(logp.dtype)
             if "sampler_logp" in x:
                 weight = weight * self.importance_weights(o, x, acc)
-            loss, m = policy_loss(logp, self.est, advantages=x["adv"], old_logp=o, offline=x["offline"],
+            # the weights carry the whole aggregation (offline_agg included): the call only sums (token-sum for both
+            # branches; with the estimator's offline_agg left in, demonstration tokens would be averaged twice)
+            loss, m = policy_loss(logp, self.sum_est, advantages=x["adv"], old_logp=o, offline=x["offline"],
                                   seq_ids=x["seq_ids"], weight=weight, entropy=ent,
                                   ref_logp=ref, agg="token-sum")
-            # the weights already normalise over the global batch; FSDP averages over ranks, so undo its 1/world
-            (loss * self.info.world_size if self.sharded else loss).backward()
+            # agg_scope=step: the weights already normalise over the global batch and FSDP averages over ranks, so
+            # undo its 1/world; agg_scope=microbatch: verl's average over ranks is what is wanted
+            (loss * self.info.world_size if self.sharded and self.cfg.agg_scope == "step" else loss).backward()
             n_on = float(m["tokens/online"])
             ntok = float(mb.loss_mask.sum())
             for key, v in (("loss", float(loss.detach())), ("clip_low", float(m["clip_ratio/low"]) * n_on),
