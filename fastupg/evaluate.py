@@ -41,6 +41,34 @@ PAPER_K = {"aime24": 32, "aime2024": 32, "aime25": 32, "aime2025": 32, "amc": 32
 SYSTEM_PROMPTS = {"luffy": LUFFY_SYSTEM_PROMPT, "qwen-math": QWEN_MATH_SYSTEM_PROMPT, "none": None}
 
 
+def greedy_accuracy(model, tokenizer, examples, score, max_new_tokens: int, batch_size: int, info) -> float:
+    """The trainer's held-out accuracy: greedy decoding on the model being trained (sharded or not); each rank
+    scores its slice, summed over ranks."""
+    import torch
+    from transformers import GenerationConfig
+
+    from . import distributed as D
+    from .rollout.base import left_pad
+    mine = examples[info.rank::info.world_size]
+    was = model.training
+    model.eval()
+    correct = 0.0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=pad, use_cache=True)
+    dev = next(model.parameters()).device
+    with torch.no_grad(), D.gathered(model):
+        for b in range(0, len(mine), batch_size):
+            chunk = mine[b:b + batch_size]
+            ids, att = left_pad([e.prompt_ids for e in chunk], pad)
+            out = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), generation_config=gen)
+            texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+            correct += sum(score(texts, [e.answer for e in chunk]))
+    model.train(was)
+    tot = D.all_reduce_sum(torch.tensor([correct, float(len(mine))], dtype=torch.float64), info)
+    return float(tot[0] / tot[1].clamp_min(1))
+
+
 def default_k(benchmark: str) -> int:
     key = benchmark.lower().replace("-", "").replace("_", "")
     return PAPER_K.get(key, 32 if key.startswith(("aime", "amc")) else 1)

@@ -125,3 +125,29 @@ def embedded_stage_cfg(cfg: TrainConfig) -> TrainConfig:
     """A later stage of an embedded recipe starts from a checkpoint but keeps the embedded data."""
     import dataclasses
     return dataclasses.replace(cfg, model="embedded", stages=())
+
+
+def prepare_model(model, cfg: TrainConfig, info: D.DistInfo, log) -> bool:
+    """The loaded policy made ready to train, in place: Liger's kernels (GPU), activation checkpointing, FSDP2
+    sharding over the ranks. Returns whether it is sharded."""
+    dev = info.device
+    apply_liger(model, cfg, dev, log)
+    sharded = info.distributed and cfg.fsdp
+    if cfg.gradient_checkpointing:
+        if sharded:
+            D.apply_activation_checkpointing(model)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if sharded:
+        D.shard_model(model, info, mixed_precision=dev.type == "cuda" and cfg.torch_dtype == "auto")
+    elif info.distributed:
+        raise ValueError("fsdp=false with more than one rank is not supported (use fsdp=true)")
+    return sharded
+
+
+def load_reference(path: str, cfg: TrainConfig, info: D.DistInfo, sharded: bool):
+    """The frozen reference policy of the KL term (beta > 0); sharded like the policy, so each rank holds 1/world."""
+    ref = load_model(path, cfg, info.device).eval().requires_grad_(False)
+    if sharded:
+        D.shard_model(ref, info, mixed_precision=info.device.type == "cuda" and cfg.torch_dtype == "auto")
+    return ref

@@ -33,11 +33,11 @@ def step_grad(tr):
     """One step's rows and micro-batches, and the gradient the trainer's loss pass leaves (no optimizer step)."""
     rows, _ = tr.build_rows(tr.next_prompts())
     kept = rows.select(T.keep_rows(rows.weight))
-    mbs = tr.micro_batches(kept, T.token_weights(tr.est, tr.cfg, kept, tr.info))
+    mbs = T.micro_batches(kept, tr.cfg.max_tokens_per_microbatch, T.token_weigher(tr.est, tr.cfg, kept, tr.info))
     tr.model.zero_grad(set_to_none=True)
-    tr.loss_pass(mbs, None, grad=True)
+    tr.loss.run(mbs, len(mbs), None, grad=True)
     g = torch.cat([p.grad.reshape(-1) for p in tr.model.parameters()])
-    return kept, [mb for mb, _ in mbs], g
+    return kept, [mb.packed for mb in mbs], g
 
 
 def row_terms(model64, kept, i, temperature):

@@ -125,7 +125,8 @@ def test_hf_engine_skips_the_correction(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the HF engine samples with the trainer's model: no correction to compute")
 
-    monkeypatch.setattr(T, "is_correction", boom)
+    import fastupg.step_loss as SL
+    monkeypatch.setattr(SL, "is_correction", boom)
     tr = T.Trainer(make_cfg(tmp_path, rollout_engine="hf", max_steps=1), D.DistInfo())
     m = tr.train_step()
     assert not any(k.startswith("sampling/") for k in m)
