@@ -22,6 +22,7 @@ the loss is normalised over the whole step, so the gradient equals that of one b
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -563,14 +564,21 @@ def _checked_type(name: str, v):
 
 def _replace_sub(group: str, sub, changes: dict):
     """The sub-config with `changes`; its own checks' errors name the flat key (SamplingConfig.n -> num_generations)."""
-    try:
+    names = {f: k for k, (g, f) in FLAT_KEYS.items() if g == group}
+    with named_errors(SUBCONFIGS[group], names):
         return dataclasses.replace(sub, **changes)
+
+
+@contextlib.contextmanager
+def named_errors(cls, names: dict):
+    """A TypeError/ValueError from cls's own checks ("SamplingConfig.top_p must be ...") re-raised with the name the
+    user typed ({"top_p": "--top-p"}): one check, worded for each front end (YAML key, CLI option)."""
+    try:
+        yield
     except (TypeError, ValueError) as e:
         msg = str(e)
-        cls = SUBCONFIGS[group].__name__
-        for k, (g, f) in FLAT_KEYS.items():
-            if g == group:
-                msg = re.sub(rf"\b{cls}\.{f}\b", k, msg)
+        for field_name, user_name in names.items():
+            msg = re.sub(rf"\b{cls.__name__}\.{field_name}\b", user_name, msg)
         raise type(e)(msg) from None
 
 

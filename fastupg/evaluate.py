@@ -113,18 +113,15 @@ class _Bench:
 
 def check_args(args) -> None:
     """Every argument check that needs no model or data loaded (ValueError naming the option)."""
-    from .config import check_data_path, check_model_path
+    from .config import check_data_path, check_model_path, named_errors
     check_model_path("--model", args.model)
     for d in args.data:
         check_data_path("--data", d)
     if args.k is not None and args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
-    if not args.temperature > 0:
-        raise ValueError(f"--temperature must be > 0 (the protocol samples, at 0.6), got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    with named_errors(SamplingConfig, {"temperature": "--temperature", "top_p": "--top-p",
+                                       "max_new_tokens": "--max-new-tokens"}):   # the sampling checks, once
+        SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.batch_size is not None and args.batch_size < 1:
@@ -134,7 +131,7 @@ def check_args(args) -> None:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} does not fit the model's max_position_embeddings="
                          f"{limit} (prompt + response must); use a smaller --max-new-tokens")
     if args.engine == "vllm":
-        from .cli import importable
+        from .rollout.vllm import importable
         if not importable("vllm"):
             raise ValueError("--engine vllm but vLLM is not importable: pip install -e '.[vllm]', or --engine hf")
 

@@ -88,7 +88,7 @@ def one_step(tmp_path_factory):
     opt0, base = tr.opt.state_dict(), tr.cfg
 
     def step(shift, **kw):
-        tr.cfg = dataclasses.replace(base, **kw)
+        tr.cfg = tr.loss.cfg = dataclasses.replace(base, **kw)   # the trainer's and its loss passes' settings
         tr.use_is_correction = tr.cfg.vllm_importance_sampling_correction
         tr.model.load_state_dict(model0)
         tr.opt.load_state_dict(opt0)
