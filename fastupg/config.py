@@ -1,4 +1,6 @@
-"""The training configuration: one frozen dataclass, loaded from YAML plus `key=value` overrides.
+"""The training configuration: one frozen dataclass, loaded from YAML plus `key=value` overrides. It holds the
+settings of the modules that use them as their own frozen dataclasses (`sampling`: SamplingConfig, `vllm`:
+VLLMConfig, `hpt`: HPTConfig, `optim`: OptimConfig); a recipe names their fields by flat keys (FLAT_KEYS below).
 
 Names follow TRL's GRPOConfig / TrainingArguments where a TRL name exists (num_generations,
 temperature, max_completion_length, epsilon, epsilon_high, beta, loss_type, learning_rate,
