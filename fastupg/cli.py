@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from fastupg.rollout.vllm import importable
+
 REPO = Path(__file__).resolve().parent.parent
 BENCHES = {"logits": "bench_logits.py", "fused_linear": "bench_fused_linear.py", "long_context": "bench_long_context.py"}
 
@@ -131,19 +133,8 @@ def preflight(cfg, config_given: bool) -> None:
                              f"(on a CUDA machine), or use rollout_engine=hf")
     ckpt.check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite_output_dir)
     if not cfg.stages:
-        from fastupg.trainer import lr_lambda
+        from fastupg.optim import lr_lambda
         ckpt.check_resume(cfg, ckpt.resolve_resume(cfg.resume, cfg.output_dir), lr_lambda)
-
-
-def importable(name: str) -> bool:
-    """True when `import name` can work (without importing it: vLLM takes seconds to import)."""
-    import importlib.util
-    if name in sys.modules:
-        return sys.modules[name] is not None
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -213,11 +204,11 @@ def _one_line(e: Exception) -> str:
 
 def data_dry_run(cfg, log=print) -> int:
     """`fastupg data`: each stage's train (and eval) data through the very function training uses
-    (fastupg.trainer.load_data), with the same tokenizer, printing what is kept and dropped. Returns 0;
+    (fastupg.loading.load_data), with the same tokenizer, printing what is kept and dropped. Returns 0;
     raises DataError (exit 2) when a column is missing or no row is usable."""
     from transformers import AutoTokenizer
     from fastupg import distributed as D
-    from fastupg.trainer import load_data, resolve_paths
+    from fastupg.loading import load_data, resolve_paths
     info, seen = D.DistInfo(), set()
     stages = cfg.stage_configs()
     for i, sc in enumerate(stages):

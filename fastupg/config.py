@@ -1,4 +1,6 @@
-"""The training configuration: one frozen dataclass, loaded from YAML plus `key=value` overrides.
+"""The training configuration: one frozen dataclass, loaded from YAML plus `key=value` overrides. It holds the
+settings of the modules that use them as their own frozen dataclasses (`sampling`: SamplingConfig, `vllm`:
+VLLMConfig, `hpt`: HPTConfig, `optim`: OptimConfig); a recipe names their fields by flat keys (FLAT_KEYS below).
 
 Names follow TRL's GRPOConfig / TrainingArguments where a TRL name exists (num_generations,
 temperature, max_completion_length, epsilon, epsilon_high, beta, loss_type, learning_rate,
@@ -22,6 +24,7 @@ the loss is normalised over the whole step, so the gradient equals that of one b
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -31,7 +34,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SCHEDULERS = ("constant", "cosine", "linear")
+from fastupg.hpt import SOFT_FUNCTIONS, HPTConfig
+from fastupg.optim import SCHEDULERS, OptimConfig
+from fastupg.rollout.base import SamplingConfig
+from fastupg.rollout.vllm import VLLMConfig
+
 # TRL's GRPOConfig.loss_type values fastupg expresses -> the fastupg preset they start from; their aggregation is TRL's
 # (over the whole optimizer step here, like one big batch: TRL's micro-batch formulas with equal micro-batches):
 #   grpo: per-sequence token mean, then mean over sequences    bnpo, dapo, cispo: token mean
@@ -45,9 +52,10 @@ REPORT_TO = ("jsonl", "tensorboard", "wandb")
 ATTN = ("auto", "sdpa", "eager", "flash_attention_2")
 ROLLOUT_ENGINES = ("hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16")
+AGG_SCOPES = ("step", "microbatch")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class TrainConfig:
     # -- model and data ---------------------------------------------------------------------------
     model: str = "embedded"             # HF path/dir, or "embedded": the tiny model built by fastupg.task.tiny
@@ -86,41 +94,27 @@ class TrainConfig:
     agg: str | None = None              # aggregation mode override (fastupg.estimator.AGGS)
     offline_agg: str | None = None      # separate aggregation of demonstration tokens (official HPT: token-mean)
     agg_norm: float | None = None       # constant of seq-mean-token-sum-norm (None: max_completion_length)
+    agg_scope: str = "step"             # over which tokens the aggregation runs (fastupg's name, docs/math.md §1.4):
+    #                                     step: the whole optimizer step, all micro-batches and ranks (one big batch);
+    #                                     microbatch: each micro-batch on its own, divided by
+    #                                     gradient_accumulation_steps, averaged over ranks (verl's dp_actor; the
+    #                                     official HPT code, configs/hpt-official.yaml)
     online_clip: bool = True            # False: on-policy branch without clipping (official HPT code)
     offline_coef: float | None = None   # coefficient of the demonstration branch (None: preset's 1.0)
     luffy_gamma: float | None = None    # LUFFY policy shaping gamma (None: preset's)
-    # -- HPT routing ------------------------------------------------------------------------------
-    hpt_mode: str = "switch"            # switch: alpha=1[P>gate], beta=1[P<=gate]; soft: alpha=P, beta=1-P
-    hpt_gate: float = 0.0               # gamma of the paper (0 for Qwen, 0.25 for LLaMA)
-    hpt_soft: str = "linear"            # soft mode's (f, g): fastupg.hpt.SOFT_FUNCTIONS (linear: P, 1-P)
+    # -- HPT routing (hpt_mode, hpt_gate, hpt_soft: the `hpt` sub-config below) --------------------------
     hpt_offline: str = "sft"            # what replaces RL on failed prompts (paper Table 5): sft, or offpolicy =
     #                                     LUFFY's off-policy RL branch (ref one, mixed-group advantage, gamma shaping)
-    # -- sampling ---------------------------------------------------------------------------------
-    num_generations: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_completion_length: int = 256
+    # -- sampling (num_generations, temperature, top_p, top_k, max_completion_length: `sampling` below; the vllm_*
+    #    engine settings: `vllm` below) -------------------------------------------------------------
     rollout_engine: str = "hf"          # hf: transformers generate on the trainer's model; vllm: a vllm.LLM per rank
-    vllm_gpu_memory_utilization: float = 0.5  # colocated with training: leave room for the trainer
-    vllm_tensor_parallel_size: int = 1
-    vllm_enable_sleep_mode: bool = True  # free the KV cache (and offload weights) while training (GPU; the CPU build has none)
     # truncated importance sampling of the vLLM/trainer mismatch (fastupg.rollout.correction; TRL's names and modes;
     # defaults differ from TRL 1.16's sequence_mask / 3.0: token-level truncation at 2, verl's rollout_is_threshold)
     vllm_importance_sampling_correction: bool = True   # only with rollout_engine=vllm (HF: ratio 1, skipped)
     vllm_importance_sampling_mode: str = "token_truncate"  # token_truncate token_mask sequence_truncate sequence_mask
     vllm_importance_sampling_clip_max: float = 2.0     # the cap C: truncate min(rho, C); mask drops rho > C
-    # -- optimisation -----------------------------------------------------------------------------
-    learning_rate: float = 1e-6
-    lr_scheduler_type: str = "constant"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    min_lr_ratio: float = 0.0           # cosine/linear floor as a fraction of learning_rate
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0          # <= 0: no clipping
+    # -- optimisation (learning_rate, lr_scheduler_type, warmup_*, min_lr_ratio, weight_decay, adam_*,
+    #    max_grad_norm: `optim` below) ------------------------------------------------------------
     per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     max_tokens_per_microbatch: int = 8192
@@ -160,23 +154,43 @@ class TrainConfig:
     #                                     resume: a run into a folder that holds a previous run is refused
     # -- multi-stage recipes (sft-then-grpo) --------------------------------------------------------
     stages: tuple = ()                  # tuple of dicts: per-stage overrides (each with its own max_steps)
+    # -- sub-configs: the frozen dataclasses of the modules that use them. YAML, overrides and keyword arguments
+    #    name their fields by the flat keys of FLAT_KEYS below (TRL's names), e.g. num_generations -> sampling.n;
+    #    cfg.num_generations reads cfg.sampling.n. Their checks run in TrainConfig(...), naming the flat key.
+    sampling: SamplingConfig = SamplingConfig()
+    vllm: VLLMConfig = VLLMConfig(model="embedded", enable_sleep_mode=True)   # vllm.model is always `model`
+    hpt: HPTConfig = HPTConfig()
+    optim: OptimConfig = OptimConfig()
+
+    def __init__(self, **kw):
+        """Flat keys (FLAT_KEYS) and/or whole sub-configs; flat keys win over the sub-config they belong to."""
+        unknown = [k for k in kw if k not in _PLAIN and k not in FLAT_KEYS]
+        if unknown:
+            raise TypeError(f"TrainConfig got unexpected keyword argument {unknown[0]!r}{_suggest(unknown[0])}")
+        for name in _PLAIN:
+            value = kw.get(name, _PLAIN[name].default)
+            if name not in SUBCONFIGS:
+                object.__setattr__(self, name, _checked_type(name, value))
+        for group, cls in SUBCONFIGS.items():
+            sub = kw.get(group, getattr(TrainConfig, group))
+            if not isinstance(sub, cls):
+                raise TypeError(f"config key {group!r} must be a {cls.__name__}, got {type(sub).__name__}")
+            changes = {f: _checked_type(k, kw[k]) for k, (g, f) in FLAT_KEYS.items() if g == group and k in kw}
+            for k, (g, f) in FLAT_KEYS.items():  # enumerations first: a did-you-mean names the flat key
+                if g == group and f in changes and k in _CHOICES:
+                    _one_of(k, changes[f], _CHOICES[k])
+            if group == "vllm":
+                changes["model"] = self.model
+            object.__setattr__(self, group, _replace_sub(group, sub, changes))
+        self.__post_init__()
 
     def __post_init__(self):
-        _check_types(self)
         from fastupg.estimator import AGGS, KL_ESTIMATORS, PRESETS
         _one_of("loss_type", self.loss_type, [p for p in PRESETS if p != "ppo"] + ["bnpo"],
                 extra=" ('ppo' needs a value model, which the trainer does not train)" if self.loss_type == "ppo" else "")
-        _one_of("hpt_mode", self.hpt_mode, HPT_MODES)
-        from fastupg.hpt import SOFT_FUNCTIONS
-        _one_of("hpt_soft", self.hpt_soft, sorted(SOFT_FUNCTIONS))
-        _one_of("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
         _one_of("reward", self.reward, REWARDS)
         _one_of("attn_implementation", self.attn_implementation, ATTN)
         _one_of("rollout_engine", self.rollout_engine, ROLLOUT_ENGINES)
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
-        if self.vllm_tensor_parallel_size < 1:
-            raise ValueError(f"vllm_tensor_parallel_size must be >= 1, got {self.vllm_tensor_parallel_size}")
         from fastupg.rollout.correction import IS_MODES
         _one_of("vllm_importance_sampling_mode", self.vllm_importance_sampling_mode, IS_MODES)
         if not (math.isfinite(self.vllm_importance_sampling_clip_max) and self.vllm_importance_sampling_clip_max > 0):
@@ -189,6 +203,7 @@ class TrainConfig:
             raise ValueError(f"resume={self.resume!r} and overwrite_output_dir=true contradict each other: "
                              "continue the run in output_dir, or replace it, not both")
         _one_of("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _one_of("agg_scope", self.agg_scope, AGG_SCOPES)
         for k in ("agg", "offline_agg"):
             if getattr(self, k) is not None:
                 _one_of(k, getattr(self, k), AGGS)
@@ -221,10 +236,6 @@ class TrainConfig:
             raise ValueError(f"rope_theta must be finite and > 0 (or null), got {self.rope_theta}")
         if self.max_position_embeddings is not None and self.max_position_embeddings < 1:
             raise ValueError(f"max_position_embeddings must be >= 1 (or null), got {self.max_position_embeddings}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.hpt_gate < 1:
-            raise ValueError(f"hpt_gate must be in [0, 1), got {self.hpt_gate}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -398,10 +409,39 @@ class TrainConfig:
             raise ValueError(f"invalid estimator settings for loss_type={self.loss_type!r}: {e}") from None
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        """Flat, as a YAML recipe names the keys (checkpoints and loggers store this)."""
+        d = {k: getattr(self, k) for k in KEYS}
         d["report_to"] = list(self.report_to)
         d["stages"] = [dict(s) for s in self.stages]
         return d
+
+
+# -- the sub-configs and their flat keys ---------------------------------------------------------------
+SUBCONFIGS = {"sampling": SamplingConfig, "vllm": VLLMConfig, "hpt": HPTConfig, "optim": OptimConfig}
+# flat key (YAML, CLI override, TRL's name) -> (sub-config, its field); docs/trainer.md "Configuration"
+FLAT_KEYS: dict[str, tuple[str, str]] = {
+    "num_generations": ("sampling", "n"),
+    "temperature": ("sampling", "temperature"),
+    "top_p": ("sampling", "top_p"),
+    "top_k": ("sampling", "top_k"),
+    "max_completion_length": ("sampling", "max_new_tokens"),
+    "vllm_gpu_memory_utilization": ("vllm", "gpu_memory_utilization"),
+    "vllm_tensor_parallel_size": ("vllm", "tensor_parallel_size"),
+    "vllm_enable_sleep_mode": ("vllm", "enable_sleep_mode"),   # free the KV cache while training (GPU only)
+    "hpt_mode": ("hpt", "mode"),
+    "hpt_gate": ("hpt", "gate"),
+    "hpt_soft": ("hpt", "soft"),
+    **{f.name: ("optim", f.name) for f in dataclasses.fields(OptimConfig)},
+}
+
+
+def _alias(group: str, name: str) -> property:
+    return property(lambda self: getattr(getattr(self, group), name),
+                    doc=f"the flat name of {group}.{name}")
+
+
+for _k, (_g, _f) in FLAT_KEYS.items():
+    setattr(TrainConfig, _k, _alias(_g, _f))
 
 
 # -- checks that look at the file system (the CLI runs them before any work) ------------------------------
@@ -475,18 +515,21 @@ def fit_model_positions(cfg: TrainConfig, local_only: bool = False) -> TrainConf
 
 
 # -- loading ----------------------------------------------------------------------------------------
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_HINTS = typing.get_type_hints(TrainConfig)
+_PLAIN = {f.name: f for f in dataclasses.fields(TrainConfig)}     # the dataclass's own fields (sub-configs too)
+_HINTS = {**{k: h for k, h in typing.get_type_hints(TrainConfig).items() if k not in SUBCONFIGS},
+          **{k: typing.get_type_hints(SUBCONFIGS[g])[f] for k, (g, f) in FLAT_KEYS.items()}}
+KEYS = [k for k in _PLAIN if k not in SUBCONFIGS] + list(FLAT_KEYS)   # every flat key a recipe may set
+_CHOICES = {"hpt_mode": HPT_MODES, "hpt_soft": sorted(SOFT_FUNCTIONS), "lr_scheduler_type": SCHEDULERS}
 
 
 def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, list(FIELDS), n=3, cutoff=0.6)
+    close = difflib.get_close_matches(key, KEYS, n=3, cutoff=0.6)
     return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 def _check_keys(d: dict, where: str = "config") -> None:
     for k in d:
-        if k not in FIELDS:
+        if k not in KEYS:
             raise ValueError(f"unknown {where} key {k!r}{_suggest(str(k))} (see fastupg/config.py for all keys)")
 
 
@@ -512,13 +555,33 @@ def _type_ok(value, hint) -> bool:
     return isinstance(value, hint)
 
 
-def _check_types(cfg: TrainConfig) -> None:
-    for name, f in FIELDS.items():
-        v = getattr(cfg, name)
-        if not _type_ok(v, _HINTS[name]):
-            raise TypeError(f"config key {name!r} must be {_HINTS[name]}, got {v!r} ({type(v).__name__})")
-        if isinstance(v, int) and not isinstance(v, bool) and _HINTS[name] in (float, float | None):
-            object.__setattr__(cfg, name, float(v))
+def _checked_type(name: str, v):
+    """v if it has the flat key's type (an int where a float is expected becomes a float), else a TypeError."""
+    if not _type_ok(v, _HINTS[name]):
+        raise TypeError(f"config key {name!r} must be {_HINTS[name]}, got {v!r} ({type(v).__name__})")
+    if isinstance(v, int) and not isinstance(v, bool) and _HINTS[name] in (float, float | None):
+        return float(v)
+    return v
+
+
+def _replace_sub(group: str, sub, changes: dict):
+    """The sub-config with `changes`; its own checks' errors name the flat key (SamplingConfig.n -> num_generations)."""
+    names = {f: k for k, (g, f) in FLAT_KEYS.items() if g == group}
+    with named_errors(SUBCONFIGS[group], names):
+        return dataclasses.replace(sub, **changes)
+
+
+@contextlib.contextmanager
+def named_errors(cls, names: dict):
+    """A TypeError/ValueError from cls's own checks ("SamplingConfig.top_p must be ...") re-raised with the name the
+    user typed ({"top_p": "--top-p"}): one check, worded for each front end (YAML key, CLI option)."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        for field_name, user_name in names.items():
+            msg = re.sub(rf"\b{cls.__name__}\.{field_name}\b", user_name, msg)
+        raise type(e)(msg) from None
 
 
 def _parse_scalar(text: str):
@@ -581,7 +644,7 @@ def parse_overrides(items) -> dict:
             raise ValueError(f"override {it!r} must look like key=value")
         k, v = it.split("=", 1)
         k = k.strip().lstrip("-").replace("-", "_")
-        if k not in FIELDS:
+        if k not in KEYS:
             raise ValueError(f"unknown config key {k!r}{_suggest(k)} (from override {it!r})")
         out[k] = _parse_scalar(v)
     return out

@@ -41,6 +41,34 @@ PAPER_K = {"aime24": 32, "aime2024": 32, "aime25": 32, "aime2025": 32, "amc": 32
 SYSTEM_PROMPTS = {"luffy": LUFFY_SYSTEM_PROMPT, "qwen-math": QWEN_MATH_SYSTEM_PROMPT, "none": None}
 
 
+def greedy_accuracy(model, tokenizer, examples, score, max_new_tokens: int, batch_size: int, info) -> float:
+    """The trainer's held-out accuracy: greedy decoding on the model being trained (sharded or not); each rank
+    scores its slice, summed over ranks."""
+    import torch
+    from transformers import GenerationConfig
+
+    from . import distributed as D
+    from .rollout.base import left_pad
+    mine = examples[info.rank::info.world_size]
+    was = model.training
+    model.eval()
+    correct = 0.0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=pad, use_cache=True)
+    dev = next(model.parameters()).device
+    with torch.no_grad(), D.gathered(model):
+        for b in range(0, len(mine), batch_size):
+            chunk = mine[b:b + batch_size]
+            ids, att = left_pad([e.prompt_ids for e in chunk], pad)
+            out = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), generation_config=gen)
+            texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+            correct += sum(score(texts, [e.answer for e in chunk]))
+    model.train(was)
+    tot = D.all_reduce_sum(torch.tensor([correct, float(len(mine))], dtype=torch.float64), info)
+    return float(tot[0] / tot[1].clamp_min(1))
+
+
 def default_k(benchmark: str) -> int:
     key = benchmark.lower().replace("-", "").replace("_", "")
     return PAPER_K.get(key, 32 if key.startswith(("aime", "amc")) else 1)
@@ -85,18 +113,15 @@ class _Bench:
 
 def check_args(args) -> None:
     """Every argument check that needs no model or data loaded (ValueError naming the option)."""
-    from .config import check_data_path, check_model_path
+    from .config import check_data_path, check_model_path, named_errors
     check_model_path("--model", args.model)
     for d in args.data:
         check_data_path("--data", d)
     if args.k is not None and args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
-    if not args.temperature > 0:
-        raise ValueError(f"--temperature must be > 0 (the protocol samples, at 0.6), got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    with named_errors(SamplingConfig, {"temperature": "--temperature", "top_p": "--top-p",
+                                       "max_new_tokens": "--max-new-tokens"}):   # the sampling checks, once
+        SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.batch_size is not None and args.batch_size < 1:
@@ -106,7 +131,7 @@ def check_args(args) -> None:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} does not fit the model's max_position_embeddings="
                          f"{limit} (prompt + response must); use a smaller --max-new-tokens")
     if args.engine == "vllm":
-        from .cli import importable
+        from .rollout.vllm import importable
         if not importable("vllm"):
             raise ValueError("--engine vllm but vLLM is not importable: pip install -e '.[vllm]', or --engine hf")
 

@@ -83,6 +83,67 @@ class RunLogger:
             self._wandb = None
 
 
+def step_metrics(acc: dict, rows, stats: dict, *, est, cfg, info, n_prompts: int, n_kept: int,
+                 grad_norm, lr: float, dt: float, t_gen: float, use_is: bool, has_ref: bool) -> dict:
+    """One step's metrics (TRL's names), reduced over ranks: sums and counts are all-reduced, then divided.
+    acc: the loss passes' sums (fastupg.step_loss); rows: the step's rows before dropping; stats: the rollouts'
+    (len_sum, trunc_sum, n_gen) and the routing's (per-prompt P and beta)."""
+    import torch
+
+    from fastupg import distributed as D
+    on = ~rows.offline
+    r_on = rows.reward[on]
+    grp_std = _group_std(r_on, rows.group[on])
+    P, beta = stats["P"], stats["beta"]
+    vals = {
+        "loss": acc.get("loss", 0.0), "reward_sum": float(r_on.sum()), "n_on_rows": float(on.sum()),
+        "reward_std_sum": float(grp_std.sum()), "n_groups": float(len(grp_std)),
+        "clip_low": acc.get("clip_low", 0.0), "clip_high": acc.get("clip_high", 0.0), "n_on": acc.get("n_on", 0.0),
+        "ent": acc.get("ent", 0.0), "kl": acc.get("kl", 0.0), "ntok": acc.get("ntok", 0.0),
+        "packed": acc.get("packed", 0.0), "len_sum": stats.get("len_sum", 0.0),
+        "trunc_sum": stats.get("trunc_sum", 0.0), "n_gen": stats.get("n_gen", 0.0),
+        "sft_prompts": float((beta > 0).sum()) if est.offline is not None and cfg.loss_type == "hpt" else 0.0,
+        "n_prompts": float(n_prompts), "rows": float(len(rows.ids)), "kept": float(n_kept),
+        "P_solved": float((P > 0).sum()) if est.online is not None else 0.0,
+        **{k: acc.get(k, 0.0) for k in ("is_ratio_sum", "is_clipped", "is_tokens", "is_logp_diff_sum")},
+    }
+    names = list(vals)
+    tot = D.all_reduce_sum(torch.tensor([vals[k] for k in names], dtype=torch.float64), info)
+    v = dict(zip(names, tot.tolist()))
+    d = lambda a, b: v[a] / v[b] if v[b] else 0.0  # noqa: E731
+    m = {"loss": v["loss"], "grad_norm": float(grad_norm), "learning_rate": lr,
+         "tokens/trained": v["packed"], "tokens_per_s": (v["packed"] + v["len_sum"]) / max(dt, 1e-9),
+         "time/step_s": dt, "time/rollout_s": t_gen, "rows/kept_fraction": d("kept", "rows")}
+    if est.online is not None:
+        m.update({"reward": d("reward_sum", "n_on_rows"), "reward_std": d("reward_std_sum", "n_groups"),
+                  "completions/mean_length": d("len_sum", "n_gen"),
+                  "completions/clipped_ratio": d("trunc_sum", "n_gen"),
+                  "clip_ratio/low_mean": d("clip_low", "n_on"), "clip_ratio/high_mean": d("clip_high", "n_on"),
+                  "frac_prompts_solved": d("P_solved", "n_prompts")})
+    if use_is and v["is_tokens"]:  # TRL's names; means over the trained rollout tokens
+        m.update({"sampling/importance_sampling_ratio/mean": d("is_ratio_sum", "is_tokens"),
+                  "sampling/importance_sampling_ratio/clipped_fraction": d("is_clipped", "is_tokens"),
+                  "sampling/sampling_logp_difference/mean": d("is_logp_diff_sum", "is_tokens")})
+    if cfg.loss_type == "hpt":
+        m["hpt/sft_fraction"] = d("sft_prompts", "n_prompts")
+    m["entropy"] = d("ent", "ntok")
+    if has_ref:
+        m["kl"] = d("kl", "ntok")
+    return m
+
+
+def _group_std(r, g):
+    """Std of the reward within each group (TRL's reward_std is its mean over groups)."""
+    import torch
+    if r.numel() == 0:
+        return r.new_zeros(0)
+    out = []
+    for k in torch.unique(g):
+        x = r[g == k]
+        out.append(x.std() if x.numel() > 1 else x.new_zeros(()))
+    return torch.stack(out)
+
+
 def _fmt(v: float) -> str:
     if v == 0 or (1e-3 <= abs(v) < 1e4):
         return f"{v:.4g}"

@@ -51,15 +51,16 @@ def _loss_step(tmp_path, monkeypatch, **kw):
     tr.score = lambda texts, golds: [float(i % 2) for i in range(len(texts))]
     rows, _ = tr.build_rows(tr.next_prompts())          # rollouts from the embedded model (token ids < 262)
     kept = rows.select(torch.arange(len(rows.ids)))
-    mbs = tr.micro_batches(kept, T.token_weights(tr.est, cfg, kept, tr.info))
-    tr.model, tr.ref_model = _big_vocab_model(0), _big_vocab_model(1).requires_grad_(False)
-    resp = [int(mb.loss_mask.sum()) for mb, _ in mbs]
+    mbs = T.micro_batches(kept, cfg.max_tokens_per_microbatch, T.token_weigher(tr.est, cfg, kept, tr.info))
+    tr.model = tr.loss.model = _big_vocab_model(0)
+    tr.ref_model = tr.loss.ref_model = _big_vocab_model(1).requires_grad_(False)
+    resp = [int(mb.packed.loss_mask.sum()) for mb in mbs]
     import fastupg.models.hf_loss as H
     head_rows, real = [], H.fused_linear_logprobs
     monkeypatch.setattr(H, "fused_linear_logprobs", lambda h, *a, **k: head_rows.append(h.shape[0]) or real(h, *a, **k))
     rec = LargestTensor()
     with rec:
-        acc, _ = tr.loss_pass(mbs, None, grad=True)
+        acc, _ = tr.loss.run(mbs, len(mbs), None, grad=True)
     assert tr.model.get_output_embeddings().weight.grad is not None and acc["ntok"] == sum(resp)
     assert head_rows == [n for n in resp for _ in (0, 1)]     # policy + reference: response positions only
     return rec, resp

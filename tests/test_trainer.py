@@ -72,8 +72,9 @@ def test_hpt_routing_and_dropped_rows(tmp_path, monkeypatch, mode, gate, rewards
     torch.testing.assert_close(st["P"], torch.tensor([sum(rewards[:2]) / 2, sum(rewards[2:]) / 2]))
     # through a whole step: only rows with non-zero weight are packed (and so forwarded)
     seen = []
-    real_pack = T.pack
-    monkeypatch.setattr(T, "pack", lambda r, s, b, device=None: seen.append(len(r)) or real_pack(r, s, b, device))
+    import fastupg.data.packing as packing
+    real_pack = packing.pack
+    monkeypatch.setattr(packing, "pack", lambda r, s, b, device=None: seen.append(len(r)) or real_pack(r, s, b, device))
     tr2 = _fixed_trainer(tmp_path, rewards, hpt_mode=mode, hpt_gate=gate, per_device_train_batch_size=4)
     m = tr2.train_step()
     n_kept = sum(a != 0 for a in alpha) * 2 + sum(b != 0 for b in beta)
@@ -90,12 +91,13 @@ def test_micro_batching_gives_the_big_batch_gradient(tmp_path):
         tr = T.Trainer(cfg, D.DistInfo())
         tr.score = lambda texts, golds: [float(i % 2) for i in range(len(texts))]
         calls = []
-        real = T.token_logps
-        T.token_logps = lambda *a, **k: calls.append(1) or real(*a, **k)
+        import fastupg.step_loss as SL
+        real = SL.token_logps
+        SL.token_logps = lambda *a, **k: calls.append(1) or real(*a, **k)
         try:
             m = tr.train_step()
         finally:
-            T.token_logps = real
+            SL.token_logps = real
         results.append((params(tr.model), m["loss"], len(calls)))
     (p1, l1, n1), (p2, l2, n2) = results
     assert n1 == 1 and n2 > 2

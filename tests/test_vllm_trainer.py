@@ -88,7 +88,7 @@ def one_step(tmp_path_factory):
     opt0, base = tr.opt.state_dict(), tr.cfg
 
     def step(shift, **kw):
-        tr.cfg = dataclasses.replace(base, **kw)
+        tr.cfg = tr.loss.cfg = dataclasses.replace(base, **kw)   # the trainer's and its loss passes' settings
         tr.use_is_correction = tr.cfg.vllm_importance_sampling_correction
         tr.model.load_state_dict(model0)
         tr.opt.load_state_dict(opt0)
@@ -125,7 +125,8 @@ def test_hf_engine_skips_the_correction(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the HF engine samples with the trainer's model: no correction to compute")
 
-    monkeypatch.setattr(T, "is_correction", boom)
+    import fastupg.step_loss as SL
+    monkeypatch.setattr(SL, "is_correction", boom)
     tr = T.Trainer(make_cfg(tmp_path, rollout_engine="hf", max_steps=1), D.DistInfo())
     m = tr.train_step()
     assert not any(k.startswith("sampling/") for k in m)

@@ -94,3 +94,31 @@ def pack(rows: Sequence[Sequence[int]], response_start: Sequence[int], budget: i
     """All rows packed into micro-batches of at most `budget` tokens each."""
     bins = plan_bins([row_length(r) for r in rows], budget)
     return [collate(rows, response_start, b, device) for b in bins]
+
+
+# -- the trainer's micro-batches: packed rows plus what the loss needs per response token ----------------------
+@dataclass(frozen=True)
+class MicroBatch:
+    packed: PackedBatch
+    adv: torch.Tensor            # per response token (loss_mask positions, in order): its row's advantage
+    offline: torch.Tensor        # bool: a demonstration token
+    weight: torch.Tensor         # aggregation weight s_t * HPT weight (fastupg.routing.token_weigher)
+    seq_ids: torch.Tensor        # its row (index into the step's rows)
+    sampler_logp: torch.Tensor | None = None   # the rollout engine's log-probs (NaN on demonstrations)
+
+
+def micro_batches(rows, budget: int, weigh, device=None) -> list[MicroBatch]:
+    """The step's rows (fastupg.rollout.collect.Rows, with advantages) packed under `budget` tokens; a row longer
+    than the budget gets a micro-batch of its own. weigh(packed) -> the weights of its response tokens."""
+    budget = max([budget] + [row_length(r) for r in rows.ids])
+    out = []
+    for mb in (pack(rows.ids, rows.start, budget, device=device) if rows.ids else []):
+        ri = mb.row_index[mb.loss_mask].cpu()
+        slp = None
+        if rows.sampler_logp is not None:   # demonstrations: NaN, outside the correction's mask
+            slp = torch.cat([torch.tensor(rows.sampler_logp[i], dtype=torch.float32) if rows.sampler_logp[i] is not None
+                             else torch.full((len(rows.ids[i]) - rows.start[i],), float("nan")) for i in mb.rows])
+            slp = slp.to(device)
+        out.append(MicroBatch(mb, rows.adv[ri].to(device), rows.offline[ri].to(device), weigh(mb).to(device),
+                              mb.row_index[mb.loss_mask], slp))
+    return out

@@ -371,10 +371,10 @@ class FusedGRPOTrainer(GRPOTrainer):
 
     def _hybrid_rows(self, inputs, out):
         """Append, per prompt group, the dataset's demonstration as one more row marked offline, and replace TRL's
-        advantages by the estimator's own (fastupg.trainer.advantages: grpo / mixed / one per branch), with HPT's
+        advantages by the estimator's own (fastupg.routing.advantages: grpo / mixed / one per branch), with HPT's
         per-row alpha (rollouts) / beta (demonstration) weights from the group's success rate P = mean reward."""
         from fastupg.hpt import HPTConfig, route
-        from fastupg.trainer import advantages as fastupg_advantages
+        from fastupg.routing import advantages as fastupg_advantages
         G = self.num_generations
         dev = out["completion_ids"].device
         rpf = self._fastupg_rewards_per_func

@@ -32,6 +32,18 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of a batch of prompts, each right-aligned behind pad tokens: what
+    `generate` expects of a decoder-only model (the new tokens start at the same column for every row)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[r, width - len(p):] = 1
+    return ids, mask
+
+
 @dataclass
 class Rollout:
     """One sampled completion of one prompt."""

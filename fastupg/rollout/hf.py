@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .base import Rollout, SamplingConfig
+from .base import Rollout, SamplingConfig, left_pad
 
 
 class HFRolloutEngine:
@@ -113,12 +113,8 @@ class HFRolloutEngine:
     def _generate_chunk(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
         from transformers import GenerationConfig
 
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for r, p in enumerate(prompts):                     # left padding
-            ids[r, width - len(p):] = torch.tensor(p)
-            mask[r, width - len(p):] = 1
+        ids, mask = left_pad(prompts, self.pad_token_id)
+        width = ids.shape[1]
         stop = list(dict.fromkeys(self.eos_token_ids + tuple(sampling.stop_token_ids)))
         from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
         # the recorder sees the raw logits first; temperature / top-k / top-p are applied after it, by us

@@ -57,6 +57,18 @@ _INSTALL_HINT = ("vLLM is not installed: pip install 'fastupg[vllm]' (CUDA GPUs,
 CPU_KV_CACHE_BYTES = 256 * 2**20
 
 
+def importable(name: str) -> bool:
+    """True when `import name` can work (without importing it: vLLM takes seconds to import)."""
+    import importlib.util
+    import sys
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 @dataclass(frozen=True)
 class VLLMConfig:
     model: str                                  # HF checkpoint path or name the engine starts from
