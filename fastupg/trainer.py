@@ -60,23 +60,28 @@ def embedded_task(mix: tuple = (), n_train: int = 0):
     return ArithConfig(seed=0, **kw)
 
 
-def embedded_root(embedded_dir: str, size: str, mix: tuple = (), n_train: int = 0) -> Path:
-    """One folder per task/model spec: a changed task definition builds afresh instead of clashing."""
+def embedded_root(embedded_dir: str, size: str, mix: tuple = (), n_train: int = 0, base_steps: int = -1) -> Path:
+    """One folder per task/model spec: a changed task definition or base recipe builds afresh instead of clashing."""
     import dataclasses
     import hashlib
     import json
-    from fastupg.task.tiny import EMBEDDED_VERSION
-    spec = json.dumps([dataclasses.asdict(embedded_task(mix, n_train)), size, EMBEDDED_VERSION], sort_keys=True)
+    from fastupg.task.tiny import EMBEDDED_VERSION, base_recipe
+    base = base_recipe(size, base_steps)
+    spec = json.dumps([dataclasses.asdict(embedded_task(mix, n_train)), size, EMBEDDED_VERSION] +
+                      ([dataclasses.asdict(base)] if base is not None else []), sort_keys=True)
     return Path(embedded_dir) / f"seed0-{size}-{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
 
 
 def resolve_paths(cfg: TrainConfig, info: D.DistInfo) -> RunPaths:
     if cfg.model == "embedded":
-        from fastupg.task.tiny import ensure_embedded
-        root = embedded_root(cfg.embedded_dir, cfg.model_size, cfg.embedded_task_mix, cfg.embedded_n_train)
+        from fastupg.task.tiny import base_recipe, ensure_embedded
+        root = embedded_root(cfg.embedded_dir, cfg.model_size, cfg.embedded_task_mix, cfg.embedded_n_train,
+                             cfg.embedded_base_steps)
         if info.is_main:
             ensure_embedded(root, seed=0, size=cfg.model_size,
-                            task=embedded_task(cfg.embedded_task_mix, cfg.embedded_n_train))
+                            task=embedded_task(cfg.embedded_task_mix, cfg.embedded_n_train),
+                            base=base_recipe(cfg.model_size, cfg.embedded_base_steps),
+                            log=lambda s: print(s, flush=True))
         D.barrier(info)
         return RunPaths(model=str(root / "model"), train_file=cfg.train_file or str(root / "data" / "train.jsonl"),
                         eval_file=cfg.eval_file or str(root / "data" / "eval.jsonl"),
@@ -282,30 +287,8 @@ def token_weights(est, cfg: TrainConfig, rows: Rows, info: D.DistInfo) -> list[t
 def greedy_accuracy(model, tokenizer, examples, score, max_new_tokens: int, batch_size: int,
                     info: D.DistInfo) -> float:
     """Held-out accuracy with greedy decoding; each rank scores its slice, summed over ranks."""
-    from transformers import GenerationConfig
-    mine = examples[info.rank::info.world_size]
-    was = model.training
-    model.eval()
-    correct = 0.0
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=pad, use_cache=True)
-    dev = next(model.parameters()).device
-    with D.gathered(model):
-        for b in range(0, len(mine), batch_size):
-            chunk = mine[b:b + batch_size]
-            width = max(len(e.prompt_ids) for e in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            att = torch.zeros_like(ids)
-            for i, e in enumerate(chunk):
-                ids[i, width - len(e.prompt_ids):] = torch.tensor(e.prompt_ids)
-                att[i, width - len(e.prompt_ids):] = 1
-            out = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), generation_config=gen)
-            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-            correct += sum(score(texts, [e.answer for e in chunk]))
-    model.train(was)
-    tot = D.all_reduce_sum(torch.tensor([correct, float(len(mine))], dtype=torch.float64), info)
-    return float(tot[0] / tot[1].clamp_min(1))
+    from fastupg.evaluate import greedy_eval
+    return greedy_eval(model, tokenizer, examples, score, max_new_tokens, batch_size, info)["eval/accuracy"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -664,10 +647,14 @@ class Trainer:
         return m
 
     # -- the loop -----------------------------------------------------------------------------------
-    def evaluate(self) -> float:
-        return greedy_accuracy(self.gen_model, self.tokenizer, self.eval_ex, self.score,
-                               self.cfg.eval_max_new_tokens or self.cfg.max_completion_length,
-                               self.cfg.eval_batch_size, self.info)
+    def evaluate(self) -> dict[str, float]:
+        """{"eval/accuracy": ..., "eval/accuracy/level<d>": ...} (per level when the eval rows have a difficulty)."""
+        from fastupg.evaluate import example_levels, greedy_eval
+        if not hasattr(self, "eval_levels"):
+            self.eval_levels = example_levels(self.paths.eval_file, self.eval_ex)
+        return greedy_eval(self.gen_model, self.tokenizer, self.eval_ex, self.score,
+                           self.cfg.eval_max_new_tokens or self.cfg.max_completion_length,
+                           self.cfg.eval_batch_size, self.info, self.eval_levels)
 
     def save(self) -> Path | None:
         state = {"step": self.step, "data_pos": self.data_pos, "history": self.logger.history,
@@ -683,16 +670,17 @@ class Trainer:
             bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"{cfg.loss_type}", dynamic_ncols=True)
         last_saved = self.step if self.resume_from is not None else -1
         if cfg.eval_steps and self.step == 0 and self.eval_ex:
-            acc = self.evaluate()
-            self.logger.log(0, {"eval/accuracy": acc}, print_console=False)
-            self.log(f"[fastupg] held-out greedy accuracy before training: {acc:.3f} ({len(self.eval_ex)} prompts)")
+            ev = self.evaluate()
+            self.logger.log(0, ev, print_console=False)
+            self.log(f"[fastupg] held-out greedy accuracy before training: {ev['eval/accuracy']:.3f} "
+                     f"({len(self.eval_ex)} prompts)")
         last: dict = {}
         try:
             while self.step < cfg.max_steps:
                 m = self.train_step()
                 self.step += 1
                 if cfg.eval_steps and self.eval_ex and (self.step % cfg.eval_steps == 0 or self.step == cfg.max_steps):
-                    m["eval/accuracy"] = self.evaluate()
+                    m.update(self.evaluate())
                 last = m
                 if self.step % cfg.logging_steps == 0 or "eval/accuracy" in m or self.step == cfg.max_steps:
                     self.logger.log(self.step, m, print_console=bar is None)
