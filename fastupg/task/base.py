@@ -3,10 +3,11 @@
 The paper's regime starts from a base model that already solves some problems (Qwen2.5-Math): RL has signal on
 those prompts, SFT is needed on the rest, and HPT's SFT share falls as the model learns. A random-init model has no
 such base, so :func:`fastupg.task.tiny.ensure_embedded` can first train it with plain next-token cross-entropy on
-worked solutions of part of the task family (:class:`BaseRecipe`, by default the easy level and a little of the
-4-operand one, never a parenthesised problem), and saves the result as the embedded model. The base problems are
+worked solutions of the task family (:class:`BaseRecipe`: mostly 2- and 3-operand problems, a few 4-operand
+ones), and saves the result as the embedded model. The base problems are
 drawn from their own random streams and never include a held-out prompt. See docs/embedded_task.md for the
-measured competence this gives per level.
+measured competence this gives per level (tiny: about 2/3 of the 3-operand and 1/5 of the 4-operand held-out
+problems, greedy).
 """
 from __future__ import annotations
 
@@ -20,12 +21,12 @@ from typing import Callable
 @dataclass(frozen=True)
 class BaseRecipe:
     """What the base stage trains on and how; part of the embedded folder's spec (a changed recipe rebuilds)."""
-    steps: int = 150                       # optimizer steps; 0 = no pretraining (the random model)
+    steps: int = 300                       # optimizer steps; 0 = no pretraining (the random model)
     batch_size: int = 32                   # demonstrations per step
     learning_rate: float = 3e-3
     warmup_steps: int = 20                 # linear warm-up, then linear decay to min_lr_ratio
-    min_lr_ratio: float = 1.0              # 1.0: constant after warm-up (the base stops mid-learning, as HPT goes on)
-    mix: tuple[tuple[int, float], ...] = ((1, 0.5), (2, 0.4), (3, 0.1))  # (difficulty, weight) of base problems
+    min_lr_ratio: float = 0.1              # 1.0: constant after warm-up
+    mix: tuple[tuple[int, float], ...] = ((1, 0.3), (2, 0.55), (3, 0.15))  # (difficulty, weight) of base problems
     n_problems: int = 4000                 # distinct base problems (cycled through, reshuffled every epoch)
     seed: int = 0
 

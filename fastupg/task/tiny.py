@@ -125,7 +125,7 @@ EMBEDDED_VERSION = 3
 # needs (docs/embedded_task.md); "micro" (unit tests) a few steps, so the path is exercised at no cost.
 BASE_RECIPES: dict[str, BaseRecipe] = {
     "micro": BaseRecipe(steps=4, batch_size=8, n_problems=64, warmup_steps=2),
-    "tiny": BaseRecipe(steps=300, min_lr_ratio=0.1, mix=((1, 0.3), (2, 0.55), (3, 0.15))),
+    "tiny": BaseRecipe(),
     "small": BaseRecipe(),
 }
 
