@@ -169,6 +169,8 @@ def ensure_base(budget: Budget, out: Path) -> None:
     from fastupg import distributed as D
     from fastupg.config import load_config
     from fastupg.trainer import resolve_paths
+    import torch
+    torch.set_num_threads(budget.num_threads)   # as the runs: the tiny model's ops are too small for 2 threads
     path, kw = run_overrides("sft", budget, 0, out / "base-check")
     t = time.time()
     paths = resolve_paths(load_config(path, (), **kw), D.init())

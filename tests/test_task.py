@@ -289,7 +289,7 @@ def test_ensure_embedded_base_is_part_of_the_spec(tmp_path):
         tiny.ensure_embedded(out, size="micro", task=task, base=BaseRecipe(steps=3, batch_size=4, n_problems=30))
     with pytest.raises(ValueError, match="built with"):
         tiny.ensure_embedded(out, size="micro", task=task)     # nor does the random model
-    assert tiny.base_recipe("micro", 0) is None and tiny.base_recipe("tiny").steps == tiny.BASE_RECIPES["tiny"].steps
+    assert tiny.base_recipe("micro") is None and tiny.base_recipe("tiny").steps == tiny.BASE_RECIPES["tiny"].steps
     assert tiny.base_recipe("tiny", 7).steps == 7
     with pytest.raises(ValueError, match="size"):
         tiny.base_recipe("huge")
