@@ -63,6 +63,8 @@ class TrainConfig:
     embedded_dir: str = ".fastupg/embedded"  # where the embedded task/model is built (once)
     embedded_mix: tuple = ()            # embedded task difficulty mix, e.g. [[1, 0.6], [2, 0.3], [3, 0.1]]; () = default
     embedded_n_train: int = 0           # embedded training problems; 0 = fastupg.task.ArithConfig's default
+    embedded_base_steps: int = -1       # base pretraining steps of the embedded model (fastupg.task.base);
+                                        # -1 = the size's recipe (tiny: the demo's base), 0 = the random model
     train_file: str | None = None       # jsonl/json/parquet/folder/hub name (columns: below); None: embedded task
     eval_file: str | None = None
     reward: str = "auto"                # auto: arith for the embedded task, math otherwise
@@ -218,6 +220,9 @@ class TrainConfig:
                 from fastupg.task.arith import generate_splits  # noqa: F401  (level sizes are checked at build)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"embedded_mix={list(self.embedded_mix)!r}: {e}") from None
+        if self.embedded_base_steps < -1:
+            raise ValueError(f"embedded_base_steps must be >= 0 (or -1: the model size's recipe), "
+                             f"got {self.embedded_base_steps}")
         positive = ("num_generations", "max_completion_length", "per_device_train_batch_size",
                     "gradient_accumulation_steps", "max_tokens_per_microbatch", "max_steps", "logging_steps",
                     "eval_samples", "eval_batch_size", "num_iterations", "loss_chunk_mb")

@@ -31,7 +31,8 @@ from .data.prompts import LUFFY_SYSTEM_PROMPT, QWEN_MATH_SYSTEM_PROMPT, PromptCo
 from .rewards.math import math_rewards
 from .rollout.base import SamplingConfig
 
-__all__ = ["add_eval_args", "check_args", "run_eval", "default_k", "render_markdown"]
+__all__ = ["add_eval_args", "check_args", "run_eval", "default_k", "render_markdown", "greedy_eval",
+           "greedy_scores", "example_levels", "level_key"]
 
 log = logging.getLogger(__name__)
 
@@ -42,31 +43,8 @@ SYSTEM_PROMPTS = {"luffy": LUFFY_SYSTEM_PROMPT, "qwen-math": QWEN_MATH_SYSTEM_PR
 
 
 def greedy_accuracy(model, tokenizer, examples, score, max_new_tokens: int, batch_size: int, info) -> float:
-    """The trainer's held-out accuracy: greedy decoding on the model being trained (sharded or not); each rank
-    scores its slice, summed over ranks."""
-    import torch
-    from transformers import GenerationConfig
-
-    from . import distributed as D
-    from .rollout.base import left_pad
-    mine = examples[info.rank::info.world_size]
-    was = model.training
-    model.eval()
-    correct = 0.0
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=pad, use_cache=True)
-    dev = next(model.parameters()).device
-    with torch.no_grad(), D.gathered(model):
-        for b in range(0, len(mine), batch_size):
-            chunk = mine[b:b + batch_size]
-            ids, att = left_pad([e.prompt_ids for e in chunk], pad)
-            out = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), generation_config=gen)
-            texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-            correct += sum(score(texts, [e.answer for e in chunk]))
-    model.train(was)
-    tot = D.all_reduce_sum(torch.tensor([correct, float(len(mine))], dtype=torch.float64), info)
-    return float(tot[0] / tot[1].clamp_min(1))
+    """The trainer's held-out accuracy over all examples (greedy_eval's "eval/accuracy")."""
+    return greedy_eval(model, tokenizer, examples, score, max_new_tokens, batch_size, info)["eval/accuracy"]
 
 
 def default_k(benchmark: str) -> int:
@@ -318,6 +296,77 @@ def run_eval(args) -> dict:
     if not args.no_progress:
         print(render_markdown(results))
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer's held-out evaluation: greedy accuracy, overall and per difficulty level
+# ---------------------------------------------------------------------------------------------
+LEVEL_COLUMN = "difficulty"   # the embedded task's level column (fastupg.task.arith)
+
+
+def example_levels(source, examples: Sequence[Example]) -> list | None:
+    """The `difficulty` of each example's source row (matched by Example.index), or None when no row has one
+    (then only the overall accuracy is reported)."""
+    from .data.datasets import load_records
+    if source is None or not examples:
+        return None
+    rows = load_records(source)
+    levels = [rows[e.index].get(LEVEL_COLUMN) if 0 <= e.index < len(rows) else None for e in examples]
+    return levels if any(v is not None for v in levels) else None
+
+
+def level_key(level) -> str:
+    """Metric name of one level's held-out accuracy: eval/accuracy/level1, ..."""
+    return f"eval/accuracy/level{level}"
+
+
+def greedy_scores(model, tokenizer, examples: Sequence[Example], score, max_new_tokens: int,
+                  batch_size: int) -> list[float]:
+    """The verifier's score of the greedy completion of every example (left-padded batches, stop at eos)."""
+    import torch
+    from transformers import GenerationConfig
+
+    from .rollout.base import left_pad
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=pad, use_cache=True)
+    dev = next(model.parameters()).device
+    out: list[float] = []
+    for b in range(0, len(examples), batch_size):
+        chunk = examples[b:b + batch_size]
+        ids, att = left_pad([e.prompt_ids for e in chunk], pad)
+        with torch.no_grad():
+            gen_ids = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), generation_config=gen)
+        texts = tokenizer.batch_decode(gen_ids[:, ids.shape[1]:], skip_special_tokens=True)
+        out += [float(x) for x in score(texts, [e.answer for e in chunk])]
+    return out
+
+
+def greedy_eval(model, tokenizer, examples: Sequence[Example], score, max_new_tokens: int, batch_size: int,
+                info, levels: Sequence | None = None) -> dict[str, float]:
+    """Held-out greedy accuracy: {"eval/accuracy": mean over all examples, "eval/accuracy/level<d>": mean over
+    the examples of level d (when `levels` gives each example's level)}. Each rank scores its slice (rank,
+    rank + world, ...); sums are reduced over ranks, so every rank returns the same dict."""
+    import torch
+    from . import distributed as D
+    if levels is not None and len(levels) != len(examples):
+        raise ValueError(f"greedy_eval: {len(levels)} levels for {len(examples)} examples")
+    keys = sorted({lv for lv in levels if lv is not None}, key=str) if levels is not None else []
+    mine = list(range(info.rank, len(examples), info.world_size))
+    was = model.training
+    model.eval()
+    with D.gathered(model):
+        scores = greedy_scores(model, tokenizer, [examples[i] for i in mine], score, max_new_tokens, batch_size)
+    model.train(was)
+    sums = [sum(scores), float(len(scores))]
+    for k in keys:
+        mk = [s for i, s in zip(mine, scores) if levels[i] == k]
+        sums += [sum(mk), float(len(mk))]
+    tot = D.all_reduce_sum(torch.tensor(sums, dtype=torch.float64), info).tolist()
+    res = {"eval/accuracy": tot[0] / max(tot[1], 1.0)}
+    for j, k in enumerate(keys):
+        res[level_key(k)] = tot[2 + 2 * j] / max(tot[3 + 2 * j], 1.0)
+    return res
 
 
 def _mean(xs: Sequence[float]) -> float:

@@ -30,23 +30,28 @@ def embedded_task(mix: tuple = (), n_train: int = 0):
     return ArithConfig(seed=0, **kw)
 
 
-def embedded_root(embedded_dir: str, size: str, mix: tuple = (), n_train: int = 0) -> Path:
-    """One folder per task/model spec: a changed task definition builds afresh instead of clashing."""
+def embedded_root(embedded_dir: str, size: str, mix: tuple = (), n_train: int = 0, base_steps: int = -1) -> Path:
+    """One folder per task/model spec: a changed task definition or base recipe builds afresh instead of clashing."""
     import dataclasses
     import hashlib
     import json
-    from fastupg.task.tiny import EMBEDDED_VERSION
-    spec = json.dumps([dataclasses.asdict(embedded_task(mix, n_train)), size, EMBEDDED_VERSION], sort_keys=True)
+    from fastupg.task.tiny import EMBEDDED_VERSION, base_recipe
+    base = base_recipe(size, base_steps)
+    spec = json.dumps([dataclasses.asdict(embedded_task(mix, n_train)), size, EMBEDDED_VERSION] +
+                      ([dataclasses.asdict(base)] if base is not None else []), sort_keys=True)
     return Path(embedded_dir) / f"seed0-{size}-{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
 
 
 def resolve_paths(cfg: TrainConfig, info: D.DistInfo) -> RunPaths:
     if cfg.model == "embedded":
-        from fastupg.task.tiny import ensure_embedded
-        root = embedded_root(cfg.embedded_dir, cfg.model_size, cfg.embedded_task_mix, cfg.embedded_n_train)
+        from fastupg.task.tiny import base_recipe, ensure_embedded
+        root = embedded_root(cfg.embedded_dir, cfg.model_size, cfg.embedded_task_mix, cfg.embedded_n_train,
+                             cfg.embedded_base_steps)
         if info.is_main:
             ensure_embedded(root, seed=0, size=cfg.model_size,
-                            task=embedded_task(cfg.embedded_task_mix, cfg.embedded_n_train))
+                            task=embedded_task(cfg.embedded_task_mix, cfg.embedded_n_train),
+                            base=base_recipe(cfg.model_size, cfg.embedded_base_steps),
+                            log=lambda s: print(s, flush=True))
         D.barrier(info)
         return RunPaths(model=str(root / "model"), train_file=cfg.train_file or str(root / "data" / "train.jsonl"),
                         eval_file=cfg.eval_file or str(root / "data" / "eval.jsonl"),

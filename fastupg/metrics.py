@@ -155,8 +155,22 @@ def read_jsonl(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_run(history: list[dict], path, title: str = "fastupg run") -> Path:
-    """Reward, held-out accuracy and SFT fraction over steps, one PNG (matplotlib Agg backend)."""
+def smooth(y: list[float], span: float) -> list[float]:
+    """Exponential moving average with the pandas `span` convention (alpha = 2 / (span + 1)), debiased at the
+    start (so the first points are not pulled towards 0)."""
+    alpha = 2.0 / (max(span, 1.0) + 1.0)
+    out, m, w = [], 0.0, 0.0
+    for v in y:
+        m = (1 - alpha) * m + alpha * v
+        w = (1 - alpha) * w + alpha
+        out.append(m / w)
+    return out
+
+
+def plot_run(history: list[dict], path, title: str = "fastupg run", level_names: dict | None = None) -> Path:
+    """One PNG read at a glance (matplotlib Agg backend). Left: held-out greedy accuracy at each evaluation,
+    overall (thick) and per difficulty level (eval/accuracy/level<d>), the points marked. Right: the training
+    signals per step, smoothed (EMA, raw values faint behind): train reward and HPT's SFT fraction."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -165,23 +179,47 @@ def plot_run(history: list[dict], path, title: str = "fastupg run") -> Path:
         pts = [(r["step"], r[key]) for r in history if key in r and math.isfinite(r[key])]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for key, label, style in (("reward", "train reward (mean over rollouts)", "-"),
-                              ("eval/accuracy", "held-out accuracy (greedy)", "o-"),
-                              ("hpt/sft_fraction", "SFT fraction of prompts", "--")):
+    if level_names is None:  # the embedded task's levels
+        from fastupg.task.arith import LEVELS, level_name
+        level_names = {d: level_name(d) for d in LEVELS}
+    levels = sorted({k[len("eval/accuracy/level"):] for r in history for k in r
+                     if k.startswith("eval/accuracy/level")}, key=lambda v: (len(v), v))
+    fig, (ax_eval, ax_train) = plt.subplots(1, 2, figsize=(12, 4.6))
+    colors = plt.get_cmap("viridis")
+    for i, lv in enumerate(levels):
+        x, y = series(f"eval/accuracy/level{lv}")
+        name = level_names.get(int(lv), "") if lv.isdigit() else ""
+        ax_eval.plot(x, y, "o-", color=colors(0.15 + 0.7 * i / max(1, len(levels) - 1)), lw=1.3, markersize=4,
+                     label=f"level {lv}" + (f" ({name})" if name else ""))
+    x, y = series("eval/accuracy")
+    if x:
+        ax_eval.plot(x, y, "o-", color="black", lw=2.4, markersize=6, label="all held-out prompts", zorder=5)
+        ax_eval.annotate(f"{y[0]:.2f}", (x[0], y[0]), textcoords="offset points", xytext=(-4, 6), ha="right")
+        ax_eval.annotate(f"{y[-1]:.2f}", (x[-1], y[-1]), textcoords="offset points", xytext=(4, 6), ha="left")
+    ax_eval.set(title="held-out greedy accuracy (each evaluation marked)", xlabel="optimizer step",
+                ylabel="accuracy", ylim=(-0.02, 1.05))
+
+    steps = [r["step"] for r in history if "loss" in r]
+    span = max(3.0, len(steps) / 10)
+    for key, label, color in (("reward", "train reward (mean over rollouts)", "tab:blue"),
+                              ("hpt/sft_fraction", "HPT: fraction of prompts trained by SFT", "tab:red")):
         x, y = series(key)
-        if x:
-            ax.plot(x, y, style, label=label, markersize=4)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best")
-    ax.set_title(title)
+        if not x:
+            continue
+        ax_train.plot(x, y, color=color, alpha=0.18, lw=0.8)
+        ax_train.plot(x, smooth(y, span), color=color, lw=2.2, label=label)
+    ax_train.set(title=f"training signals per step (EMA, span {span:.0f} steps; raw faint)",
+                 xlabel="optimizer step", ylim=(-0.02, 1.05))
+    for ax in (ax_eval, ax_train):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(loc="best", fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
     return path

@@ -31,7 +31,7 @@ from fastupg import checkpoint as ckpt
 from fastupg import distributed as D
 from fastupg.config import TrainConfig, fit_model_positions
 from fastupg.data.packing import micro_batches
-from fastupg.evaluate import greedy_accuracy
+from fastupg.evaluate import example_levels, greedy_accuracy, greedy_eval  # noqa: F401
 from fastupg.hpt import keep_rows
 # the names below stay importable from fastupg.trainer (scripts, integrations and tests use them)
 from fastupg.loading import (RunPaths, embedded_root, embedded_stage_cfg, load_data, load_model,  # noqa: F401
@@ -94,6 +94,7 @@ class Trainer:
         self.train_ex = load_data(self.paths.train_file, self.tokenizer, cfg, embedded, need_demo, need_answer, self.log)
         self.eval_ex = (load_data(self.paths.eval_file, self.tokenizer, cfg, embedded, False, log=self.log)
                         [:cfg.eval_samples] if self.paths.eval_file and cfg.eval_steps else [])
+        self.eval_levels = example_levels(self.paths.eval_file, self.eval_ex)  # None: no difficulty column
         self.model = load_model(str(resume or start_from), cfg, dev)
         self.sharded = prepare_model(self.model, cfg, info, self.log)
         # rollouts and evaluation use the trainer's own model, sharded or not (under FSDP the HF engine gathers the
@@ -177,10 +178,11 @@ class Trainer:
         return m
 
     # -- the loop -----------------------------------------------------------------------------------
-    def evaluate(self) -> float:
-        return greedy_accuracy(self.gen_model, self.tokenizer, self.eval_ex, self.score,
-                               self.cfg.eval_max_new_tokens or self.cfg.max_completion_length,
-                               self.cfg.eval_batch_size, self.info)
+    def evaluate(self) -> dict[str, float]:
+        """{"eval/accuracy": ..., "eval/accuracy/level<d>": ...} (per level when the eval rows have a difficulty)."""
+        return greedy_eval(self.gen_model, self.tokenizer, self.eval_ex, self.score,
+                           self.cfg.eval_max_new_tokens or self.cfg.max_completion_length,
+                           self.cfg.eval_batch_size, self.info, self.eval_levels)
 
     def save(self) -> Path | None:
         state = {"step": self.step, "data_pos": self.data_pos, "history": self.logger.history,
@@ -196,16 +198,17 @@ class Trainer:
             bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"{cfg.loss_type}", dynamic_ncols=True)
         last_saved = self.step if self.resume_from is not None else -1
         if cfg.eval_steps and self.step == 0 and self.eval_ex:
-            acc = self.evaluate()
-            self.logger.log(0, {"eval/accuracy": acc}, print_console=False)
-            self.log(f"[fastupg] held-out greedy accuracy before training: {acc:.3f} ({len(self.eval_ex)} prompts)")
+            ev = self.evaluate()
+            self.logger.log(0, ev, print_console=False)
+            self.log(f"[fastupg] held-out greedy accuracy before training: {ev['eval/accuracy']:.3f} "
+                     f"({len(self.eval_ex)} prompts)")
         last: dict = {}
         try:
             while self.step < cfg.max_steps:
                 m = self.train_step()
                 self.step += 1
                 if cfg.eval_steps and self.eval_ex and (self.step % cfg.eval_steps == 0 or self.step == cfg.max_steps):
-                    m["eval/accuracy"] = self.evaluate()
+                    m.update(self.evaluate())
                 last = m
                 if self.step % cfg.logging_steps == 0 or "eval/accuracy" in m or self.step == cfg.max_steps:
                     self.logger.log(self.step, m, print_console=bar is None)

@@ -45,21 +45,38 @@ ABLATIONS = {
     # Table 5: what replaces RL on the prompts the model fails: SFT (the main run) or off-policy RL (LUFFY's branch)
     "offpolicy": {"hpt-sft": None, "hpt-offpolicy": {"hpt_offline": "offpolicy"}},
 }
-LEVELS = {1: "easy", 2: "medium", 3: "hard"}
+
+
+def level_label(d: int) -> str:
+    """Column name of a difficulty level in the table: "L2 (3 operands)"."""
+    from fastupg.task.arith import LEVELS as ARITH_LEVELS, level_name
+    return f"L{d} ({level_name(d)})" if d in ARITH_LEVELS else f"level{d}"
+
+
+TASK_KEYS = ("model_size", "embedded_mix", "embedded_n_train", "embedded_base_steps")
+
+
+def task_overrides() -> dict:
+    """The embedded task and base model of the demo (configs/demo.yaml): every method starts from that base."""
+    import yaml
+    demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    return {k: demo[k] for k in TASK_KEYS if k in demo}
 
 
 @dataclass(frozen=True)
 class Budget:
     """What every method shares. `prompts_per_step * group` completions per RL step."""
-    steps: int = 60
+    steps: int = 120
     group: int = 8
     prompts_per_step: int = 8
-    learning_rate: float = 3e-3
+    learning_rate: float = 2e-4    # the demo's: from the pretrained base, 5e-4 and up lose accuracy (docs)
+    adam_beta2: float = 0.95       # as the demo and the base pretraining
     max_completion_length: int = 40
-    eval_every: int = 10          # held-out accuracy logged during training (for the curves)
-    eval_samples: int = 60        # held-out prompts for the curves
+    eval_every: int = 20          # held-out accuracy logged during training (for the curves)
+    eval_samples: int = 100       # held-out prompts for the curves
     final_eval_samples: int = 300  # held-out prompts for the table (all levels, split per level)
     num_threads: int = 1
+    base_steps: int = -1           # the embedded base's pretraining steps; -1: configs/demo.yaml's (the demo's base)
 
     def __post_init__(self):
         for k in ("steps", "group", "prompts_per_step", "max_completion_length", "eval_samples",
@@ -73,7 +90,7 @@ class Budget:
 
 
 QUICK = Budget(steps=2, group=4, prompts_per_step=2, max_completion_length=24, eval_every=1, eval_samples=8,
-               final_eval_samples=24)
+               final_eval_samples=24, base_steps=2)
 
 
 def run_overrides(method: str, budget: Budget, seed: int, out: Path, extra: dict | None = None) -> tuple[str, dict]:
@@ -84,7 +101,10 @@ def run_overrides(method: str, budget: Budget, seed: int, out: Path, extra: dict
     kw: dict = dict(seed=seed, output_dir=str(out), max_completion_length=b.max_completion_length,
                     learning_rate=b.learning_rate, eval_steps=b.eval_every, eval_samples=b.eval_samples,
                     save_steps=0, save_total_limit=1, report_to=("jsonl",), plot=False, progress_bar=False,
-                    num_threads=b.num_threads, warmup_steps=min(5, max(0, b.steps // 10)))
+                    num_threads=b.num_threads, warmup_steps=min(10, max(0, b.steps // 10)),
+                    adam_beta2=b.adam_beta2, **task_overrides())
+    if b.base_steps != -1:
+        kw["embedded_base_steps"] = b.base_steps
     rl = dict(num_generations=b.group, per_device_train_batch_size=b.group * b.prompts_per_step)
     demo_in_group = dict(num_generations=b.group - 1, per_device_train_batch_size=(b.group - 1) * b.prompts_per_step)
     sft = dict(loss_type="sft", per_device_train_batch_size=b.prompts_per_step)
@@ -120,43 +140,41 @@ def _history(out: Path) -> list[dict]:
 
 
 def eval_per_level(checkpoint: str, cfg, n: int) -> dict:
-    """Greedy held-out accuracy of a checkpoint per difficulty level (the embedded eval file's `difficulty`)."""
+    """Greedy held-out accuracy of a checkpoint, overall and per difficulty level (the embedded eval file's
+    `difficulty`), on the same number of prompts from every level (the first n // levels of each)."""
     import torch
     from transformers import AutoTokenizer
     from fastupg import distributed as D
-    from fastupg.trainer import greedy_accuracy, load_data, load_model, resolve_paths, reward_fn
-    info = D.DistInfo() if hasattr(D, "DistInfo") and _no_arg_ok(D.DistInfo) else D.init()
+    from fastupg.evaluate import example_levels, greedy_eval, level_key
+    from fastupg.trainer import load_data, load_model, resolve_paths, reward_fn
+    info = D.init()
     paths = resolve_paths(cfg, info)
-    rows = [json.loads(x) for x in Path(paths.eval_file).read_text().splitlines() if x.strip()]
-    # the same number of prompts from every level (the eval file may be ordered by level)
-    lv = sorted({int(r.get("difficulty", 0)) for r in rows})
-    rows = [r for l in lv for r in [r for r in rows if int(r.get("difficulty", 0)) == l][:max(1, n // len(lv))]]
     tok = AutoTokenizer.from_pretrained(checkpoint)
+    ex = load_data(paths.eval_file, tok, cfg, True, False)
+    levels = example_levels(paths.eval_file, ex) or [0] * len(ex)
+    per = max(1, n // len(set(levels)))
+    keep = [i for lv in sorted(set(levels)) for i in [i for i, v in enumerate(levels) if v == lv][:per]]
     model = load_model(checkpoint, cfg, torch.device("cpu"))
-    score = reward_fn(paths.reward)
-    res, total, correct = {}, 0, 0.0
-    tmp = Path(cfg.output_dir) / "eval-split"
-    tmp.mkdir(parents=True, exist_ok=True)
-    for lvl in sorted({int(r.get("difficulty", 0)) for r in rows}):
-        f = tmp / f"level{lvl}.jsonl"
-        f.write_text("".join(json.dumps(r) + "\n" for r in rows if int(r.get("difficulty", 0)) == lvl))
-        ex = load_data(str(f), tok, cfg, True, False)
-        acc = greedy_accuracy(model, tok, ex, score, cfg.eval_max_new_tokens or cfg.max_completion_length,
-                              cfg.eval_batch_size, info)
-        res[LEVELS.get(lvl, f"level{lvl}")] = acc
-        total += len(ex)
-        correct += acc * len(ex)
-    res["all"] = correct / max(total, 1)
-    res["n_eval"] = total
-    return res
+    res = greedy_eval(model, tok, [ex[i] for i in keep], reward_fn(paths.reward),
+                      cfg.eval_max_new_tokens or cfg.max_completion_length, cfg.eval_batch_size, info,
+                      [levels[i] for i in keep])
+    out = {level_label(lv): res[level_key(lv)] for lv in sorted(set(levels))}
+    out["all"] = res["eval/accuracy"]
+    out["n_eval"] = len(keep)
+    return out
 
 
-def _no_arg_ok(cls) -> bool:
-    try:
-        cls()
-        return True
-    except TypeError:
-        return False
+def ensure_base(budget: Budget, out: Path) -> None:
+    """Build the shared task data and base model once, before any run (parallel runs would each build it)."""
+    from fastupg import distributed as D
+    from fastupg.config import load_config
+    from fastupg.trainer import resolve_paths
+    import torch
+    torch.set_num_threads(budget.num_threads)   # as the runs: the tiny model's ops are too small for 2 threads
+    path, kw = run_overrides("sft", budget, 0, out / "base-check")
+    t = time.time()
+    paths = resolve_paths(load_config(path, (), **kw), D.init())
+    print(f"[reproduce] base model: {paths.model} ({time.time() - t:.0f}s)", flush=True)
 
 
 def budget_dir(out: Path, budget: Budget) -> Path:
@@ -242,7 +260,7 @@ def summarize(results: list[dict]) -> dict:
         by.setdefault(r["method"], []).append(r)
     table = {}
     for m, rs in by.items():
-        cols = [k for k in ("easy", "medium", "hard", "all") if k in rs[0]["accuracy"]]
+        cols = level_columns(rs[0]["accuracy"]) + ["all"]
         row = {c: mean_std([r["accuracy"][c] for r in rs]) for c in cols}
         row["seeds"] = sorted(r["seed"] for r in rs)
         fr = [r["last_sft_fraction"] for r in rs if r.get("last_sft_fraction") is not None]
@@ -254,8 +272,15 @@ def summarize(results: list[dict]) -> dict:
     return table
 
 
+def level_columns(acc: dict) -> list[str]:
+    """The per-level keys of one run's accuracy dict, in its order (eval_per_level writes them in level order)."""
+    return [k for k in acc if k not in ("all", "n_eval")]
+
+
 def to_markdown(table: dict, order: list[str]) -> str:
-    cols = ["easy", "medium", "hard", "all"]
+    first = next(iter(table.values()), {})
+    cols = [k for k in first if k not in ("all", "seeds", "sft_fraction_first", "sft_fraction_last",
+                                          "train_seconds")] + ["all"]
     head = "| method | " + " | ".join(("avg" if c == "all" else c) for c in cols) + \
         " | SFT fraction first -> last | seeds | train s/run |"
     lines = [head, "|" + "---|" * (len(cols) + 4)]
@@ -272,27 +297,45 @@ def to_markdown(table: dict, order: list[str]) -> str:
 
 
 def plot(runs: dict[str, list[Path]], path: Path) -> Path | None:
-    """Held-out accuracy and SFT fraction over steps, mean over seeds per method."""
+    """Held-out accuracy (overall and per level) and HPT's SFT fraction over steps, mean over seeds per method
+    (the step-0 point is the shared base); the SFT fraction smoothed (EMA), its raw mean faint."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    from fastupg.metrics import smooth
+    keys = sorted({k for dirs in runs.values() for d in dirs for r in _history(d) for k in r
+                   if k.startswith("eval/accuracy")}, key=lambda k: (k != "eval/accuracy", k))
+    keys.append("hpt/sft_fraction")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4), squeeze=False)
+    colors = dict(zip(METHODS, plt.get_cmap("tab10").colors))
     for m, dirs in runs.items():
-        for ax, key in zip(axes, ("eval/accuracy", "hpt/sft_fraction")):
+        for ax, key in zip(axes[0], keys):
             curves = [{r["step"]: r[key] for r in _history(d) if key in r} for d in dirs]
             curves = [c for c in curves if c]
             if not curves:
                 continue
             steps = sorted(set().union(*curves))
             ys = [statistics.fmean([c[s] for c in curves if s in c]) for s in steps]
-            ax.plot(steps, ys, label=m, marker="." if len(steps) < 30 else None)
-    axes[0].set(title="held-out greedy accuracy (mean over seeds)", xlabel="optimizer step", ylabel="accuracy")
-    axes[1].set(title="HPT: fraction of prompts routed to SFT", xlabel="optimizer step", ylabel="SFT fraction")
-    for ax in axes:
+            color = colors.get(m)
+            if key == "hpt/sft_fraction":
+                ax.plot(steps, ys, color=color, alpha=0.2, lw=0.8)
+                ax.plot(steps, smooth(ys, max(3.0, len(steps) / 10)), color=color, lw=2, label=m)
+            else:
+                ax.plot(steps, ys, "o-", color=color, label=m, markersize=3, lw=1.4)
+    for ax, key in zip(axes[0], keys):
+        if key == "hpt/sft_fraction":
+            title = "HPT: fraction of prompts trained by SFT (EMA)"
+        elif key == "eval/accuracy":
+            title = "held-out greedy accuracy, all levels"
+        else:
+            lv = key.rsplit("level", 1)[1]
+            title = f"held-out accuracy, {level_label(int(lv)) if lv.isdigit() else key}"
+        ax.set(title=title, xlabel="optimizer step", ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
@@ -345,11 +388,12 @@ def main(argv=None) -> int:
                       for s in aseeds]
     print(f"[reproduce] {len(specs)} runs, budget {budget}, in {out}", flush=True)
     t0 = time.time()
+    ensure_base(budget, out)
 
     def done(i, n, r):
         a = r["accuracy"]
         print(f"[reproduce] {i}/{n} {r['method']} seed {r['seed']}: avg {a['all']:.3f} "
-              + " ".join(f"{k} {a[k]:.3f}" for k in ("easy", "medium", "hard") if k in a)
+              + " ".join(f"{k} {a[k]:.3f}" for k in level_columns(a))
               + (f" sft_frac {r['first_sft_fraction']:.2f}->{r['last_sft_fraction']:.2f}"
                  if r.get("last_sft_fraction") is not None else "")
               + f" ({r['train_seconds']:.0f}s train, {time.time() - t0:.0f}s total)", flush=True)

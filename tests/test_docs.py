@@ -49,17 +49,17 @@ def test_documented_demo_recipe_is_configs_demo_yaml():
     demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     doc = (REPO / "docs" / "embedded_task.md").read_text()
     section = doc[doc.index("## The demo recipe (`configs/demo.yaml`)"):]
-    for key in ("embedded_mix", "embedded_n_train", "loss_type", "hpt_mode", "hpt_gate", "num_generations",
-                "per_device_train_batch_size", "max_completion_length", "min_lr_ratio"):
+    for key in ("embedded_mix", "loss_type", "hpt_mode", "hpt_gate", "num_generations",
+                "per_device_train_batch_size", "max_completion_length", "min_lr_ratio", "adam_beta2"):
         m = re.search(rf"`{key}: ([^`]+)`", section)
         assert m, f"docs/embedded_task.md's demo recipe does not state {key}"
         assert yaml.safe_load(m.group(1)) == demo[key], key
-    for key, text in (("learning_rate", "learning rate 3e-3"), ("warmup_steps", "10 warm-up steps"),
-                      ("max_steps", "400 steps"), ("temperature", "temperature 0.7"),
-                      ("eval_steps", "every 50 steps"), ("lr_scheduler_type", "cosine")):
+    for key, text in (("learning_rate", "learning rate 2e-4"), ("warmup_steps", "10 warm-up steps"),
+                      ("max_steps", "200 steps"), ("temperature", "temperature 0.7"),
+                      ("eval_steps", "every 25 steps"), ("lr_scheduler_type", "cosine")):
         assert text in section, (key, demo[key])
     assert (demo["learning_rate"], demo["warmup_steps"], demo["max_steps"], demo["temperature"],
-            demo["eval_steps"], demo["lr_scheduler_type"]) == (3e-3, 10, 400, 0.7, 50, "cosine")
+            demo["eval_steps"], demo["lr_scheduler_type"]) == (2e-4, 10, 200, 0.7, 25, "cosine")
 
 
 def _readme_eval_commands():

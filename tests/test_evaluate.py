@@ -159,3 +159,34 @@ def test_multi_benchmark_file_is_split_by_source(tmp_path, monkeypatch):
     assert sorted(b) == ["aime", "math"]
     assert b["aime"]["questions"] == 3 and b["math"]["questions"] == 3 and b["aime"]["k"] == 2
     assert b["aime"]["avg_at_k"] == pytest.approx(100 / 3) and b["math"]["avg_at_k"] == 0.0
+
+
+def test_greedy_eval_per_level(tmp_path):
+    """The trainer's held-out evaluation: overall and per-level means of the verifier's scores on the greedy
+    completions (a scripted score: the level of a row decides whether it counts as solved)."""
+    from fastupg.data.datasets import Example
+    from fastupg.distributed import DistInfo
+    from fastupg.evaluate import example_levels, greedy_eval, level_key
+    from fastupg.task.tiny import build_tiny_model, build_tokenizer
+    tok = build_tokenizer()
+    model = build_tiny_model(None, tok, size="micro", seed=0)
+    rows = [{"prompt": f"What is {i}+0?", "answer": str(i), "difficulty": 2 + i % 3} for i in range(10)]
+    src = tmp_path / "eval.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ex = [Example(index=i, question=r["prompt"], prompt_text=r["prompt"],
+                  prompt_ids=tok(r["prompt"], add_special_tokens=False)["input_ids"], answer=r["answer"])
+          for i, r in enumerate(rows)]
+    levels = example_levels(str(src), ex)
+    assert levels == [r["difficulty"] for r in rows]
+    solved = {"0", "3", "4", "6"}        # answers the scripted verifier calls right: levels 2, 2, 3, 2
+    score = lambda texts, golds: [1.0 if g in solved else 0.0 for g in golds]   # noqa: E731
+    res = greedy_eval(model, tok, ex, score, max_new_tokens=3, batch_size=4, info=DistInfo(), levels=levels)
+    assert res == {"eval/accuracy": pytest.approx(0.4), level_key(2): pytest.approx(3 / 4),
+                   level_key(3): pytest.approx(1 / 3), level_key(4): pytest.approx(0.0)}
+    assert greedy_eval(model, tok, ex, score, 3, 4, DistInfo()) == {"eval/accuracy": pytest.approx(0.4)}
+    assert example_levels(str(src), []) is None
+    (tmp_path / "plain.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["answer"]}) + "\n"
+                                                  for r in rows))
+    assert example_levels(str(tmp_path / "plain.jsonl"), ex) is None    # no difficulty column: overall only
+    with pytest.raises(ValueError, match="levels"):
+        greedy_eval(model, tok, ex, score, 3, 4, DistInfo(), levels=[2])

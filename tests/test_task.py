@@ -17,20 +17,22 @@ def test_splits_deterministic_and_seed_dependent():
 
 
 def test_splits_disjoint_counts_and_mix():
-    cfg = ArithConfig(seed=1, n_train=2000, n_eval=300, mix=((1, 2), (2, 1), (3, 1)))
+    cfg = ArithConfig(seed=1, n_train=1200, n_eval=300, mix=((2, 2), (3, 1), (4, 1)))
     train, held = generate_splits(cfg)
-    assert len(train) == 2000 and len(held) == 300
+    assert len(train) == 1200 and len(held) == 300
     tp, hp = {e["prompt"] for e in train}, {e["prompt"] for e in held}
     assert len(tp) == len(train) and len(hp) == len(held)        # no duplicates
     assert not tp & hp                                            # no leakage
-    assert sum(e["difficulty"] == 1 for e in train) == 1000
-    assert sum(e["difficulty"] == 1 for e in held) == 150
+    assert sum(e["difficulty"] == 2 for e in train) == 600
+    assert sum(e["difficulty"] == 2 for e in held) == 150
+    # the held-out rows are mixed, so that any prefix (the trainer's eval_samples) holds every level
+    assert {e["difficulty"] for e in held[:30]} == {2, 3, 4}
     # held-out problems do not depend on the train size
     assert generate_splits(ArithConfig(seed=1, n_train=10, n_eval=300, mix=cfg.mix))[1] == held
 
 
 def test_examples_are_correct_and_well_formed():
-    train, held = generate_splits(ArithConfig(n_train=600, n_eval=90))
+    train, held = generate_splits(ArithConfig(n_train=400, n_eval=50, mix=tuple((d, 1.0) for d in LEVELS)))
     for e in train + held:
         assert set(e) == {"prompt", "solution", "answer", "difficulty"}
         assert e["solution"].endswith("\\boxed{" + e["answer"] + "}")
@@ -39,8 +41,9 @@ def test_examples_are_correct_and_well_formed():
         assert eval(expr) == int(e["answer"])                     # python precedence agrees
         n_ops = sum(expr[1:].count(o) for o in "+*") + expr[1:].count("-")
         assert len(e["solution"].split("\n")) == n_ops + 1        # one line per operation + box
-        if e["difficulty"] == 1:                                  # easy: every result one digit
-            assert all(0 <= int(line.split("=")[1]) <= 9 for line in e["solution"].split("\n")[:-1])
+        lo_hi = LEVELS[e["difficulty"]].result_range           # one-digit levels: every result one digit
+        if lo_hi is not None:
+            assert all(lo_hi[0] <= int(line.split("=")[1]) <= lo_hi[1] for line in e["solution"].split("\n")[:-1])
 
 
 def test_solve_steps_precedence():
@@ -61,8 +64,8 @@ def test_bad_config_raises():
         ArithConfig(mix=((9, 1.0),))
     with pytest.raises(ValueError, match="weight"):
         ArithConfig(mix=((1, 0.0),))
-    with pytest.raises(ValueError, match="distinct"):                # level 1 has only 1210 problems
-        generate_splits(ArithConfig(n_train=5000, n_eval=0, mix=((1, 1.0),)))
+    with pytest.raises(ValueError, match="distinct"):                # level 2 has only 1210 problems
+        generate_splits(ArithConfig(n_train=5000, n_eval=0, mix=((2, 1.0),)))
 
 
 def test_write_splits_jsonl(tmp_path):
@@ -235,3 +238,65 @@ def test_ensure_embedded_concurrent_builds(tmp_path):
         tiny.build_tiny_model = real
     assert got == [out] * 3 and (out / "embedded.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["emb"]  # no temporary build left behind
+
+
+# ---------------------------------------------------------------- base pretraining (partial competence)
+def test_base_problems_mix_and_no_held_out_prompt():
+    from fastupg.task.base import BaseRecipe, base_problems
+    _, held = generate_splits(ArithConfig(n_train=0, n_eval=300))
+    exclude = {e["prompt"] for e in held}
+    recipe = BaseRecipe(n_problems=1000, mix=((1, 0.5), (2, 0.3), (3, 0.2)))
+    pools = base_problems(recipe, exclude)
+    assert len(pools[1]) == 110                      # level 1 has only 110 problems: all of them
+    assert len(pools[2]) == 300 and len(pools[3]) == 200
+    prompts = [e["prompt"] for rows in pools.values() for e in rows]
+    assert len(set(prompts)) == len(prompts) and not set(prompts) & exclude
+    assert all(e["difficulty"] == d for d, rows in pools.items() for e in rows)
+    assert base_problems(recipe, exclude) == pools  # deterministic
+
+
+def test_base_recipe_bad_values_raise():
+    from fastupg.task.base import BaseRecipe
+    for kw, name in ((dict(steps=-1), "steps"), (dict(batch_size=0), "batch_size"), (dict(learning_rate=0.0),
+                     "learning_rate"), (dict(min_lr_ratio=0.0), "min_lr_ratio"), (dict(mix=((9, 1.0),)), "difficulty"),
+                     (dict(mix=((1, 0.0),)), "weight")):
+        with pytest.raises(ValueError, match=name):
+            BaseRecipe(**kw)
+
+
+def test_pretrain_learns_and_is_deterministic(tok):
+    """A few steps of the base stage lower the loss on its own data, and the same recipe gives the same weights."""
+    from fastupg.task.base import BaseRecipe, base_problems, pretrain
+    from fastupg.task.tiny import build_tiny_model
+    recipe = BaseRecipe(steps=12, batch_size=8, n_problems=40, warmup_steps=2, learning_rate=3e-3)
+    pools = base_problems(recipe, set())
+    models = [build_tiny_model(None, tok, size="micro", seed=0) for _ in range(2)]
+    losses = [pretrain(m, tok, pools, recipe) for m in models]
+    assert len(losses[0]) == 12 and sum(losses[0][-3:]) < sum(losses[0][:3])
+    assert losses[0] == losses[1]
+    assert torch.equal(models[0].model.embed_tokens.weight, models[1].model.embed_tokens.weight)
+    assert pretrain(models[0], tok, pools, BaseRecipe(steps=0)) == []
+
+
+def test_ensure_embedded_base_is_part_of_the_spec(tmp_path):
+    from fastupg.task import tiny
+    from fastupg.task.base import BaseRecipe
+    task = ArithConfig(n_train=40, n_eval=8)
+    base = BaseRecipe(steps=2, batch_size=4, n_problems=30, warmup_steps=1)
+    out = tiny.ensure_embedded(tmp_path / "emb", size="micro", task=task, base=base)
+    assert json.loads((out / "embedded.json").read_text())["spec"]["base"]["steps"] == 2
+    with pytest.raises(ValueError, match="built with"):        # another base recipe never reuses this folder
+        tiny.ensure_embedded(out, size="micro", task=task, base=BaseRecipe(steps=3, batch_size=4, n_problems=30))
+    with pytest.raises(ValueError, match="built with"):
+        tiny.ensure_embedded(out, size="micro", task=task)     # nor does the random model
+    assert tiny.base_recipe("micro") is None and tiny.base_recipe("tiny").steps == tiny.BASE_RECIPES["tiny"].steps
+    assert tiny.base_recipe("tiny", 7).steps == 7
+    with pytest.raises(ValueError, match="size"):
+        tiny.base_recipe("huge")
+
+
+def test_embedded_root_changes_with_the_base_recipe(tmp_path):
+    from fastupg.trainer import embedded_root
+    roots = {embedded_root(str(tmp_path), "tiny", base_steps=s) for s in (-1, 0, 5)}
+    assert len(roots) == 3
+    assert embedded_root(str(tmp_path), "tiny") == embedded_root(str(tmp_path), "tiny", base_steps=-1)

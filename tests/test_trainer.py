@@ -103,7 +103,9 @@ def test_micro_batching_gives_the_big_batch_gradient(tmp_path):
     assert n1 == 1 and n2 > 2
     assert abs(l1 - l2) < 1e-5
     for k in p1:
-        torch.testing.assert_close(p1[k], p2[k], rtol=1e-5, atol=1e-6)
+        # atol 1e-5: Adam's first step divides by |g| + eps, so a gradient entry near 0 turns the summation-order
+        # difference of micro-batching into ~1e-6 of weight (seen on 1 of 16768 entries with the embedded task's data)
+        torch.testing.assert_close(p1[k], p2[k], rtol=1e-5, atol=1e-5)
 
 
 def test_advantages_per_branch():

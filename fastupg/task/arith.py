@@ -45,20 +45,29 @@ class Level:
 
 
 LEVELS: dict[int, Level] = {
-    1: Level(n_operands=3, min_digits=1, max_digits=1, ops="+-", result_range=(0, 9)),
-    2: Level(n_operands=3, min_digits=1, max_digits=2, ops="+-"),
-    3: Level(n_operands=4, min_digits=1, max_digits=3, ops="+-*"),
+    1: Level(n_operands=2, min_digits=1, max_digits=1, ops="+-", result_range=(0, 9)),
+    2: Level(n_operands=3, min_digits=1, max_digits=1, ops="+-", result_range=(0, 9)),
+    3: Level(n_operands=4, min_digits=1, max_digits=1, ops="+-", result_range=(0, 9)),
+    4: Level(n_operands=3, min_digits=1, max_digits=2, ops="+-"),
+    5: Level(n_operands=4, min_digits=1, max_digits=3, ops="+-*"),
 }
+
+
+def level_name(difficulty: int) -> str:
+    """A short description of a level, for plots and tables: "3 operands", "3 operands, 1-2 digits, +-"."""
+    lv = LEVELS[difficulty]
+    digits = "" if lv.max_digits == 1 else f", {lv.min_digits}-{lv.max_digits} digits"
+    return f"{lv.n_operands} operands{digits}" + (f", {lv.ops}" if "*" in lv.ops else "")
 
 
 @dataclass(frozen=True)
 class ArithConfig:
     """How many problems of which difficulty; ``mix`` is ((difficulty, weight), ...)."""
     seed: int = 0
-    n_train: int = 3000
+    n_train: int = 1500
     n_eval: int = 300
-    # level 1 has only 1210 distinct problems: 0.3 * (3000 + 300) = 990 of them are used
-    mix: tuple[tuple[int, float], ...] = ((1, 0.3), (2, 0.35), (3, 0.35))
+    # level 2 has only 1210 distinct problems: 0.6 * (1500 + 300) = 1080 of them are used
+    mix: tuple[tuple[int, float], ...] = ((2, 0.6), (3, 0.4))
 
     def __post_init__(self):
         if self.n_train < 0 or self.n_eval < 0:
@@ -102,7 +111,7 @@ def make_problem(rng: random.Random, difficulty: int) -> dict:
     if difficulty not in LEVELS:
         raise ValueError(f"unknown difficulty {difficulty!r}; known: {sorted(LEVELS)}")
     level = LEVELS[difficulty]
-    while True:     # rejection sampling; the easy level accepts about 1 draw in 3
+    while True:     # rejection sampling; the one-digit levels keep about 1 draw in 3 per operation
         operands = [_operand(rng, level) for _ in range(level.n_operands)]
         # one operand always has the level's full width, so no level contains another's problems
         k = rng.randrange(level.n_operands)
@@ -156,6 +165,8 @@ def generate_splits(cfg: ArithConfig = ArithConfig()) -> tuple[list[dict], list[
     held = [ex for d, _ in cfg.mix for ex in draw(d, eval_n[d])]
     train = [ex for d, _ in cfg.mix for ex in draw(d, train_n[d])]
     random.Random(f"fastupg-arith-shuffle-{cfg.seed}").shuffle(train)
+    # held-out rows mixed too, so that its first N rows (the trainer's eval_samples) keep the mix
+    random.Random(f"fastupg-arith-shuffle-held-{cfg.seed}").shuffle(held)
     return train, held
 
 

@@ -14,8 +14,10 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+from .base import BaseRecipe, base_problems, pretrain
 
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>", "<|system|>")
 PAD, BOS, EOS = SPECIAL_TOKENS[:3]
@@ -113,25 +115,51 @@ def build_tiny_model(out_dir: str | os.PathLike | None, tokenizer, size: str = "
 MANIFEST = "embedded.json"
 
 
-# Bump when what ensure_embedded generates changes for the same arguments (2: the easy level changed), so that a
-# folder built by an older version is never reused (the trainer's default folder name includes it).
-EMBEDDED_VERSION = 2
+# Bump when what ensure_embedded generates changes for the same arguments (2: the easy level changed; 3: the
+# 4-operand and parenthesised levels, the base pretraining), so that a folder built by an older version is never
+# reused (the trainer's default folder name includes it).
+EMBEDDED_VERSION = 3
 
 
-def ensure_embedded(out_dir: str | os.PathLike, seed: int = 0, size: str = "tiny", task=None) -> Path:
+# The base pretraining per model size (fastupg.task.base): "tiny" gets the partial competence the demo's story
+# needs (docs/embedded_task.md); "micro" (unit tests) stays the random model, whose numerics the trainer's tests
+# pin (their own tests build micro bases with a few steps, and reproduce.py --quick a 2-step tiny base).
+BASE_RECIPES: dict[str, BaseRecipe] = {
+    "micro": BaseRecipe(steps=0),
+    "tiny": BaseRecipe(),
+    "small": BaseRecipe(),
+}
+
+
+def base_recipe(size: str, steps: int = -1) -> BaseRecipe | None:
+    """The size's base recipe with `steps` optimizer steps (-1: the recipe's own); None when it trains 0 steps
+    (the embedded model is then the random one)."""
+    if size not in BASE_RECIPES:
+        raise ValueError(f"base_recipe: unknown size {size!r}; known: {sorted(BASE_RECIPES)}")
+    if steps < -1:
+        raise ValueError(f"base steps must be >= 0 (or -1: the size's default), got {steps}")
+    r = BASE_RECIPES[size] if steps == -1 else replace(BASE_RECIPES[size], steps=steps)
+    return r if r.steps else None
+
+
+def ensure_embedded(out_dir: str | os.PathLike, seed: int = 0, size: str = "tiny", task=None,
+                    base: BaseRecipe | None = None, log=None) -> Path:
     """Build (once) train/eval jsonl + tokenizer + model into out_dir and return out_dir.
 
     Layout: ``out_dir/model`` (model + tokenizer, load with from_pretrained),
     ``out_dir/data/{train,eval}.jsonl``, ``out_dir/embedded.json`` (what was built).
-    Idempotent: an existing folder built with the same (seed, size, task) is returned as is; one
+    `base`: pretrain the random model first (fastupg.task.base; None: keep it random), on problems that
+    share no prompt with the held-out split. `log`: progress lines of that pretraining.
+    Idempotent: an existing folder built with the same (seed, size, task, base) is returned as is; one
     built with other settings raises ValueError rather than being silently reused. Atomic: the
     build happens in a temporary sibling folder renamed into place at the end, so a crash never
     leaves a half-built folder that looks valid.
     """
-    from .arith import ArithConfig, write_splits
+    from .arith import ArithConfig, read_jsonl, write_splits
 
     task = task if task is not None else ArithConfig(seed=seed)
-    want = {"seed": seed, "size": size, "task": _jsonable(asdict(task)), "version": EMBEDDED_VERSION}
+    want = {"seed": seed, "size": size, "task": _jsonable(asdict(task)), "version": EMBEDDED_VERSION,
+            "base": _jsonable(asdict(base)) if base is not None else None}
     out = Path(out_dir)
     manifest = out / MANIFEST
     if manifest.exists():
@@ -148,7 +176,13 @@ def ensure_embedded(out_dir: str | os.PathLike, seed: int = 0, size: str = "tiny
     try:
         paths = write_splits(tmp / "data", task)
         tok = build_tokenizer(tmp / "model")
-        build_tiny_model(tmp / "model", tok, size=size, seed=seed)
+        if base is None:
+            build_tiny_model(tmp / "model", tok, size=size, seed=seed)
+        else:
+            model = build_tiny_model(None, tok, size=size, seed=seed)
+            held = {r["prompt"] for r in read_jsonl(paths["eval"])}
+            pretrain(model, tok, base_problems(base, exclude=held), base, log=log)
+            model.save_pretrained(str(tmp / "model"), safe_serialization=True)
         (tmp / MANIFEST).write_text(json.dumps({
             "spec": want, "model": "model",
             "train": str(paths["train"].relative_to(tmp)), "eval": str(paths["eval"].relative_to(tmp)),
@@ -161,7 +195,7 @@ def ensure_embedded(out_dir: str | os.PathLike, seed: int = 0, size: str = "tiny
             # another process finished first: use its build if it is the same one
             if (out / MANIFEST).exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-                return ensure_embedded(out, seed=seed, size=size, task=task)
+                return ensure_embedded(out, seed=seed, size=size, task=task, base=base)
             raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
