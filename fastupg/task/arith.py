@@ -60,6 +60,17 @@ def level_name(difficulty: int) -> str:
     return f"{lv.n_operands} operands{digits}" + (f", {lv.ops}" if "*" in lv.ops else "")
 
 
+def check_mix(mix, name: str) -> None:
+    """A difficulty mix ((difficulty, weight), ...): at least one known level, every weight > 0."""
+    if not mix:
+        raise ValueError(f"{name} must name at least one difficulty")
+    for d, w in mix:
+        if d not in LEVELS:
+            raise ValueError(f"{name}: unknown difficulty {d!r}; known: {sorted(LEVELS)}")
+        if not w > 0:
+            raise ValueError(f"{name}: weight of difficulty {d} must be > 0, got {w}")
+
+
 @dataclass(frozen=True)
 class ArithConfig:
     """How many problems of which difficulty; ``mix`` is ((difficulty, weight), ...)."""
@@ -72,13 +83,7 @@ class ArithConfig:
     def __post_init__(self):
         if self.n_train < 0 or self.n_eval < 0:
             raise ValueError(f"ArithConfig: n_train/n_eval must be >= 0, got {self.n_train}/{self.n_eval}")
-        if not self.mix:
-            raise ValueError("ArithConfig.mix must name at least one difficulty")
-        for d, w in self.mix:
-            if d not in LEVELS:
-                raise ValueError(f"ArithConfig.mix: unknown difficulty {d!r}; known: {sorted(LEVELS)}")
-            if not w > 0:
-                raise ValueError(f"ArithConfig.mix: weight of difficulty {d} must be > 0, got {w}")
+        check_mix(self.mix, "ArithConfig.mix")
 
 
 def _operand(rng: random.Random, level: Level, digits: int | None = None) -> int:

@@ -41,14 +41,8 @@ class BaseRecipe:
             raise ValueError(f"BaseRecipe.min_lr_ratio must be in (0, 1], got {self.min_lr_ratio}")
         if not self.learning_rate > 0:
             raise ValueError(f"BaseRecipe.learning_rate must be > 0, got {self.learning_rate}")
-        from .arith import LEVELS
-        if not self.mix:
-            raise ValueError("BaseRecipe.mix must name at least one difficulty")
-        for d, w in self.mix:
-            if d not in LEVELS:
-                raise ValueError(f"BaseRecipe.mix: unknown difficulty {d!r}; known: {sorted(LEVELS)}")
-            if not w > 0:
-                raise ValueError(f"BaseRecipe.mix: weight of difficulty {d} must be > 0, got {w}")
+        from .arith import check_mix
+        check_mix(self.mix, "BaseRecipe.mix")
 
 
 def base_problems(recipe: BaseRecipe, exclude: set[str]) -> dict[int, list[dict]]:
