@@ -21,13 +21,19 @@ def _reference_is(t, s, m, mode, cap):
     return w
 
 
+def _random_case(seed, B, T, depth, spread, masked):
+    """(trainer log-probs, engine log-probs, mask): engine log-probs in [-depth, 0], the trainer's off by
+    N(0, spread), a fraction `masked` of tokens masked out."""
+    g = torch.Generator().manual_seed(seed)
+    s = -torch.rand(B, T, generator=g, dtype=torch.float64) * depth
+    t = s + torch.randn(B, T, generator=g, dtype=torch.float64) * spread
+    return t, s, torch.rand(B, T, generator=g) > masked
+
+
 @pytest.mark.parametrize("mode", IS_MODES)
 def test_is_correction_matches_reference(mode):
-    g = torch.Generator().manual_seed(1)
     B, T, cap = 5, 7, 1.5
-    s = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
-    t = s + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.4
-    m = torch.rand(B, T, generator=g) > 0.25
+    t, s, m = _random_case(1, B, T, depth=3, spread=0.4, masked=0.25)
     w = is_correction(t, s, m, mode=mode, cap=cap)
     ref = _reference_is(t, s, m, mode, cap)
     assert torch.allclose(w.double(), ref, rtol=1e-5, atol=1e-6)
@@ -58,11 +64,8 @@ def test_is_correction_no_grad_and_errors():
 
 @pytest.mark.parametrize("mode", IS_MODES)
 def test_is_stats_match_reference(mode):
-    g = torch.Generator().manual_seed(2)
     B, T, cap = 6, 5, 1.5
-    s = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2
-    t = s + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.8
-    m = torch.rand(B, T, generator=g) > 0.2
+    t, s, m = _random_case(2, B, T, depth=2, spread=0.8, masked=0.2)
     st = is_correction_stats(t.float(), s.float(), m, mode=mode, cap=cap)
     ref_w = _reference_is(t, s, m, mode, cap)
     # the raw ratio of each counted token, written out
