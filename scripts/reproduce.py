@@ -164,8 +164,9 @@ def eval_per_level(checkpoint: str, cfg, n: int) -> dict:
     return out
 
 
-def ensure_base(budget: Budget, out: Path) -> None:
-    """Build the shared task data and base model once, before any run (parallel runs would each build it)."""
+def ensure_base(budget: Budget, out: Path) -> tuple[str, object]:
+    """Build the shared task data and base model once, before any run (parallel runs would each build it).
+    Returns (the base model's folder, a config of the task) for evaluating the base itself."""
     from fastupg import distributed as D
     from fastupg.config import load_config
     from fastupg.trainer import resolve_paths
@@ -173,8 +174,10 @@ def ensure_base(budget: Budget, out: Path) -> None:
     torch.set_num_threads(budget.num_threads)   # as the runs: the tiny model's ops are too small for 2 threads
     path, kw = run_overrides("sft", budget, 0, out / "base-check")
     t = time.time()
-    paths = resolve_paths(load_config(path, (), **kw), D.init())
+    cfg = load_config(path, (), **kw)
+    paths = resolve_paths(cfg, D.init())
     print(f"[reproduce] base model: {paths.model} ({time.time() - t:.0f}s)", flush=True)
+    return paths.model, cfg
 
 
 def budget_dir(out: Path, budget: Budget) -> Path:
@@ -388,7 +391,7 @@ def main(argv=None) -> int:
                       for s in aseeds]
     print(f"[reproduce] {len(specs)} runs, budget {budget}, in {out}", flush=True)
     t0 = time.time()
-    ensure_base(budget, out)
+    base_model, base_cfg = ensure_base(budget, out)
 
     def done(i, n, r):
         a = r["accuracy"]
@@ -415,9 +418,12 @@ def main(argv=None) -> int:
                 by_dir[sp[3]] = r
                 done(i, len(unique), r)
     results = [dict(by_dir[sp[3]], method=sp[0]) for sp in specs]
+    # the shared starting point, on the same held-out prompts: the row every method is measured against
+    base_row = {"method": "base", "seed": 0, "train_seconds": 0.0,
+                "accuracy": eval_per_level(base_model, base_cfg, budget.final_eval_samples)}
 
-    table = summarize(results)
-    order = list(methods) + [n for a in abl for n in ABLATIONS[a]]
+    table = summarize([base_row] + results)
+    order = ["base"] + list(methods) + [n for a in abl for n in ABLATIONS[a]]
     md = to_markdown(table, order)
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps({"budget": dataclasses.asdict(budget), "seeds": seeds,

@@ -61,7 +61,7 @@ def test_quick_every_method_runs_and_logs(tmp_path, capsys):
     assert rp.main(["--quick", "--out", str(top)]) == 0
     out = rp.budget_dir(top, rp.QUICK)                 # everything of this budget lives under its own folder
     res = json.loads((out / "results.json").read_text())
-    assert set(res["table"]) == set(rp.METHODS)
+    assert set(res["table"]) == set(rp.METHODS) | {"base"}   # + the untrained base, evaluated once
     for r in res["runs"]:
         assert r["steps"] == rp.QUICK.steps
         acc = r["accuracy"]
@@ -77,7 +77,8 @@ def test_quick_every_method_runs_and_logs(tmp_path, capsys):
     # sft-then-grpo: both stages' steps, the second offset after the first
     steps = [h["step"] for h in rp._history(out / "sft-then-grpo" / "seed0") if "eval/accuracy" in h]
     assert max(steps) == rp.QUICK.steps
-    assert (out / "results.md").read_text().count("\n| ") == len(rp.METHODS)
+    md = (out / "results.md").read_text()
+    assert md.count("\n| ") == len(rp.METHODS) + 1 and "\n| base | " in md   # + the untrained base's row
     assert (out / "curves.png").stat().st_size > 1000
     # resumable: a second call trains nothing (every result.json exists) and reports the same numbers
     before = {p: p.stat().st_mtime_ns for p in out.glob("*/seed0/result.json")}
