@@ -69,8 +69,11 @@ class Budget:
     steps: int = 120
     group: int = 8
     prompts_per_step: int = 8
-    learning_rate: float = 2e-4    # the demo's: from the pretrained base, 5e-4 and up lose accuracy (docs)
+    learning_rate: float = 1e-4    # the demo's: from the pretrained base, 2e-4 and up lose accuracy under RL (docs)
     adam_beta2: float = 0.95       # as the demo and the base pretraining
+    temperature: float = 0.7       # the demo's sampling temperature (the recipes' 1.0 gives a 1M model noisy rollouts)
+    lr_scheduler_type: str = "cosine"   # the demo's schedule: cosine decay to min_lr_ratio after the warm-up
+    min_lr_ratio: float = 0.1
     max_completion_length: int = 40
     eval_every: int = 20          # held-out accuracy logged during training (for the curves)
     eval_samples: int = 100       # held-out prompts for the curves
@@ -102,7 +105,8 @@ def run_overrides(method: str, budget: Budget, seed: int, out: Path, extra: dict
                     learning_rate=b.learning_rate, eval_steps=b.eval_every, eval_samples=b.eval_samples,
                     save_steps=0, save_total_limit=1, report_to=("jsonl",), plot=False, progress_bar=False,
                     num_threads=b.num_threads, warmup_steps=min(10, max(0, b.steps // 10)),
-                    adam_beta2=b.adam_beta2, **task_overrides())
+                    adam_beta2=b.adam_beta2, temperature=b.temperature, lr_scheduler_type=b.lr_scheduler_type,
+                    min_lr_ratio=b.min_lr_ratio, **task_overrides())
     if b.base_steps != -1:
         kw["embedded_base_steps"] = b.base_steps
     rl = dict(num_generations=b.group, per_device_train_batch_size=b.group * b.prompts_per_step)
@@ -137,6 +141,17 @@ def _history(out: Path) -> list[dict]:
                     rows.append(dict(r, step=int(r["step"]) + offset))
         offset += last
     return rows
+
+
+def sft_fraction_ends(hist: list[dict]) -> dict:
+    """HPT's SFT fraction at the start and at the end of a run: the mean over the first and over the last sixth of
+    its logged steps (one step's fraction over 8 prompts moves in steps of 1/8: a single step is mostly noise);
+    None for a method that does not route prompts."""
+    xs = [r["hpt/sft_fraction"] for r in hist if "hpt/sft_fraction" in r]
+    if not xs:
+        return {"sft_fraction_start": None, "sft_fraction_end": None}
+    w = max(1, len(xs) // 6)
+    return {"sft_fraction_start": statistics.fmean(xs[:w]), "sft_fraction_end": statistics.fmean(xs[-w:])}
 
 
 def eval_per_level(checkpoint: str, cfg, n: int) -> dict:
@@ -207,7 +222,7 @@ def run_one(method: str, seed: int, budget: Budget, out: Path, extra: dict | Non
     if res_file.is_file():
         old = json.loads(res_file.read_text())
         if old.get("spec") == spec:
-            return old
+            return dict(old, **sft_fraction_ends(_history(out)))   # recomputed: the stored ends may predate the window
         print(f"[reproduce] {out}: result.json was made with other settings; training this run again", flush=True)
         import shutil
         shutil.rmtree(out)
@@ -228,11 +243,9 @@ def run_one(method: str, seed: int, budget: Budget, out: Path, extra: dict | Non
     last_cfg = dataclasses.replace(last_cfg, output_dir=str(out))
     levels = eval_per_level(summary["final_checkpoint"], last_cfg, budget.final_eval_samples)
     hist = _history(out)
-    sft_frac = [r["hpt/sft_fraction"] for r in hist if "hpt/sft_fraction" in r]
-    result = {"spec": spec, "method": method, "seed": seed, "steps": max((r["step"] for r in hist), default=0), "train_seconds": round(train_s, 1),
-              "accuracy": levels, "first_sft_fraction": sft_frac[0] if sft_frac else None,
-              "last_sft_fraction": sft_frac[-1] if sft_frac else None, "overrides": {k: v for k, v in kw.items()
-                                                                                    if k != "output_dir"}}
+    result = {"spec": spec, "method": method, "seed": seed, "steps": max((r["step"] for r in hist), default=0),
+              "train_seconds": round(train_s, 1), "accuracy": levels, **sft_fraction_ends(hist),
+              "overrides": {k: v for k, v in kw.items() if k != "output_dir"}}
     res_file.write_text(json.dumps(result, indent=2, default=list))
     _prune_checkpoints(out)
     return result
@@ -266,10 +279,10 @@ def summarize(results: list[dict]) -> dict:
         cols = level_columns(rs[0]["accuracy"]) + ["all"]
         row = {c: mean_std([r["accuracy"][c] for r in rs]) for c in cols}
         row["seeds"] = sorted(r["seed"] for r in rs)
-        fr = [r["last_sft_fraction"] for r in rs if r.get("last_sft_fraction") is not None]
-        f0 = [r["first_sft_fraction"] for r in rs if r.get("first_sft_fraction") is not None]
-        row["sft_fraction_first"] = mean_std(f0) if f0 else None
-        row["sft_fraction_last"] = mean_std(fr) if fr else None
+        fr = [r["sft_fraction_end"] for r in rs if r.get("sft_fraction_end") is not None]
+        f0 = [r["sft_fraction_start"] for r in rs if r.get("sft_fraction_start") is not None]
+        row["sft_fraction_start"] = mean_std(f0) if f0 else None
+        row["sft_fraction_end"] = mean_std(fr) if fr else None
         row["train_seconds"] = mean_std([r["train_seconds"] for r in rs])
         table[m] = row
     return table
@@ -282,21 +295,22 @@ def level_columns(acc: dict) -> list[str]:
 
 def to_markdown(table: dict, order: list[str]) -> str:
     first = next(iter(table.values()), {})
-    cols = [k for k in first if k not in ("all", "seeds", "sft_fraction_first", "sft_fraction_last",
+    cols = [k for k in first if k not in ("all", "seeds", "sft_fraction_start", "sft_fraction_end",
                                           "train_seconds")] + ["all"]
     head = "| method | " + " | ".join(("avg" if c == "all" else c) for c in cols) + \
-        " | SFT fraction first -> last | seeds | train s/run |"
+        " | SFT fraction start -> end | seeds | train s/run |"
     lines = [head, "|" + "---|" * (len(cols) + 4)]
     fmt = lambda ms: "-" if ms is None or math.isnan(ms[0]) else f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
     for m in order:
         if m not in table:
             continue
         r = table[m]
-        sf = "-" if r["sft_fraction_first"] is None else \
-            f"{r['sft_fraction_first'][0]:.2f} -> {r['sft_fraction_last'][0]:.2f}"
+        sf = "-" if r["sft_fraction_start"] is None else \
+            f"{r['sft_fraction_start'][0]:.2f} -> {r['sft_fraction_end'][0]:.2f}"
         lines.append(f"| {m} | " + " | ".join(fmt(r.get(c)) for c in cols) +
                      f" | {sf} | {len(r['seeds'])} | {r['train_seconds'][0]:.0f} |")
-    return "\n".join(lines) + "\n\n(held-out greedy accuracy in %, mean ± std over seeds)\n"
+    return "\n".join(lines) + ("\n\n(held-out greedy accuracy in %, mean ± std over seeds; SFT fraction: HPT's, "
+                               "mean over the first and the last sixth of the steps, mean over seeds)\n")
 
 
 def plot(runs: dict[str, list[Path]], path: Path) -> Path | None:
@@ -397,8 +411,8 @@ def main(argv=None) -> int:
         a = r["accuracy"]
         print(f"[reproduce] {i}/{n} {r['method']} seed {r['seed']}: avg {a['all']:.3f} "
               + " ".join(f"{k} {a[k]:.3f}" for k in level_columns(a))
-              + (f" sft_frac {r['first_sft_fraction']:.2f}->{r['last_sft_fraction']:.2f}"
-                 if r.get("last_sft_fraction") is not None else "")
+              + (f" sft_frac {r['sft_fraction_start']:.2f}->{r['sft_fraction_end']:.2f}"
+                 if r.get("sft_fraction_end") is not None else "")
               + f" ({r['train_seconds']:.0f}s train, {time.time() - t0:.0f}s total)", flush=True)
 
     # a folder is trained once even when several rows report it (hpt-gate0 = hpt-switch = hpt)

@@ -54,12 +54,12 @@ def test_documented_demo_recipe_is_configs_demo_yaml():
         m = re.search(rf"`{key}: ([^`]+)`", section)
         assert m, f"docs/embedded_task.md's demo recipe does not state {key}"
         assert yaml.safe_load(m.group(1)) == demo[key], key
-    for key, text in (("learning_rate", "learning rate 2e-4"), ("warmup_steps", "10 warm-up steps"),
+    for key, text in (("learning_rate", "learning rate 1e-4"), ("warmup_steps", "10 warm-up steps"),
                       ("max_steps", "200 steps"), ("temperature", "temperature 0.7"),
                       ("eval_steps", "every 25 steps"), ("lr_scheduler_type", "cosine")):
         assert text in section, (key, demo[key])
     assert (demo["learning_rate"], demo["warmup_steps"], demo["max_steps"], demo["temperature"],
-            demo["eval_steps"], demo["lr_scheduler_type"]) == (2e-4, 10, 200, 0.7, 25, "cosine")
+            demo["eval_steps"], demo["lr_scheduler_type"]) == (1e-4, 10, 200, 0.7, 25, "cosine")
 
 
 def _readme_eval_commands():

@@ -6,8 +6,9 @@ such base, so :func:`fastupg.task.tiny.ensure_embedded` can first train it with 
 worked solutions of the task family (:class:`BaseRecipe`: mostly 2- and 3-operand problems, a few 4-operand
 ones), and saves the result as the embedded model. The base problems are
 drawn from their own random streams and never include a held-out prompt. See docs/embedded_task.md for the
-measured competence this gives per level (tiny: about 2/3 of the 3-operand and 1/5 of the 4-operand held-out
-problems, greedy).
+measured competence this gives per level (tiny, greedy: most 3-operand and a third of the 4-operand held-out
+problems on the machine measured there; a 300-step training run's float results, and so the base, differ between
+machines and library builds).
 """
 from __future__ import annotations
 
