@@ -69,7 +69,7 @@ class Budget:
     steps: int = 120
     group: int = 8
     prompts_per_step: int = 8
-    learning_rate: float = 1e-4    # the demo's: from the pretrained base, 2e-4 and up lose accuracy under RL (docs)
+    learning_rate: float = 1e-4    # the demo's (configs/demo.yaml says why; a test keeps them equal)
     adam_beta2: float = 0.95       # as the demo and the base pretraining
     temperature: float = 0.7       # the demo's sampling temperature (the recipes' 1.0 gives a 1M model noisy rollouts)
     lr_scheduler_type: str = "cosine"   # the demo's schedule: cosine decay to min_lr_ratio after the warm-up
