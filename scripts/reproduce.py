@@ -324,7 +324,15 @@ def plot(runs: dict[str, list[Path]], path: Path) -> Path | None:
                    if k.startswith("eval/accuracy")}, key=lambda k: (k != "eval/accuracy", k))
     keys.append("hpt/sft_fraction")
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4), squeeze=False)
-    colors = dict(zip(METHODS, plt.get_cmap("tab10").colors))
+    # names that report the same runs (hpt-gate0 = hpt-switch = hpt-sft) are one curve with one label
+    same: dict[tuple, list[str]] = {}
+    for m, dirs in runs.items():
+        same.setdefault(tuple(dirs), []).append(m)
+    runs = {" = ".join(names): list(dirs) for dirs, names in same.items()}
+    # one color per curve in every panel (left to matplotlib, the SFT-fraction panel's two lines per curve would
+    # shift its colors against the accuracy panels)
+    palette = plt.get_cmap("tab10").colors
+    colors = {m: palette[i % len(palette)] for i, m in enumerate(runs)}
     for m, dirs in runs.items():
         for ax, key in zip(axes[0], keys):
             curves = [{r["step"]: r[key] for r in _history(d) if key in r} for d in dirs]
