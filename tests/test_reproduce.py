@@ -48,6 +48,13 @@ def test_budget_samples_and_schedules_as_the_demo():
          demo["adam_beta2"])
 
 
+def test_sft_fraction_ends_average_a_sixth_of_the_steps():
+    hist = [{"step": i + 1, "hpt/sft_fraction": f} for i, f in enumerate([1.0, 0.5] + [0.25] * 8 + [0.0, 0.125])]
+    hist.insert(3, {"step": 3, "eval/accuracy": 0.5})          # eval rows carry no fraction: skipped
+    assert rp.sft_fraction_ends(hist) == {"sft_fraction_start": 0.75, "sft_fraction_end": 0.0625}
+    assert rp.sft_fraction_ends([{"step": 1, "loss": 0.1}]) == {"sft_fraction_start": None, "sft_fraction_end": None}
+
+
 def test_summary_and_markdown():
     runs = [{"method": "hpt", "seed": s, "train_seconds": 1.0, "sft_fraction_start": 1.0, "sft_fraction_end": f,
              "accuracy": {"easy": e, "medium": 0.1, "hard": 0.0, "all": e / 2}}
