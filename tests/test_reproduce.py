@@ -37,17 +37,6 @@ def test_same_budget_for_every_method(tmp_path):
     assert load_config(path, (), **kw).loss_type == "hpt"
 
 
-def test_budget_samples_and_schedules_as_the_demo():
-    """The comparison runs on the demo's task AND with the demo's optimisation: its learning rate, temperature and
-    schedule (from the recipes' temperature 1.0, RL never improved this base: docs/reproduce.md)."""
-    import yaml
-    demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    b = rp.Budget()
-    assert (b.learning_rate, b.temperature, b.lr_scheduler_type, b.min_lr_ratio, b.adam_beta2) == \
-        (demo["learning_rate"], demo["temperature"], demo["lr_scheduler_type"], demo["min_lr_ratio"],
-         demo["adam_beta2"])
-
-
 def test_sft_fraction_ends_average_a_sixth_of_the_steps():
     hist = [{"step": i + 1, "hpt/sft_fraction": f} for i, f in enumerate([1.0, 0.5] + [0.25] * 8 + [0.0, 0.125])]
     hist.insert(3, {"step": 3, "eval/accuracy": 0.5})          # eval rows carry no fraction: skipped
