@@ -86,7 +86,7 @@ class Problem:
 
 
 # -- methods: each returns (forward() -> loss, needs leaves) ----------------------------------------------------------
-def m_fastupg(impl, sft=False, chunk_bytes=DEFAULT_CHUNK_BYTES, **knobs):
+def m_fastupg(impl, sft=False, chunk_bytes=DEFAULT_CHUNK_BYTES, one_pass=None, **knobs):
     """knobs: module settings of fastupg.kernels._fused_linear_chunked (e.g. ONE_PASS_SUBCHUNKS), variant rows."""
     if knobs:
         import fastupg.kernels._fused_linear_chunked as fl  # noqa: PLC0415  (the chunked impl's module settings)
@@ -112,7 +112,7 @@ def m_fastupg(impl, sft=False, chunk_bytes=DEFAULT_CHUNK_BYTES, **knobs):
                                                      impl=impl, chunk_bytes=chunk_bytes)[0]), (h, w)
         return (lambda: fused_linear_policy_loss(h, w, p.targets, p.est, advantages=p.advantages,
                                                  old_logp=p.old_logp, mask=p.mask, impl=impl,
-                                                 chunk_bytes=chunk_bytes)[0]), (h, w)
+                                                 chunk_bytes=chunk_bytes, one_pass=one_pass)[0]), (h, w)
     return make_knobbed if knobs else make
 
 
@@ -172,6 +172,8 @@ METHODS = {
     "fastupg-chunked-768m": m_fastupg("chunked", chunk_bytes=768 * 2 ** 20),  # twice the default buffers
     "fastupg-chunked-k1": m_fastupg("chunked", ONE_PASS_SUBCHUNKS=1),  # gradient GEMMs once per fp32 chunk
     "fastupg-chunked-k6": m_fastupg("chunked", ONE_PASS_SUBCHUNKS=6),
+    # the two-pass path (GSPO, retain_graph): O(N) forward, backward recomputes the logits (4 GEMMs)
+    "fastupg-chunked-2pass": m_fastupg("chunked", one_pass=False),
     "fastupg-torch": m_fastupg("torch"),
     "fastupg-triton-sft": m_fastupg("triton", sft=True),
     "fastupg-chunked-sft": m_fastupg("chunked", sft=True),
@@ -186,7 +188,7 @@ QUICK = ("fastupg-chunked", "fastupg-torch", "eager", "gemm")  # --quick (CPU, C
 # slow or memory-hungry peers: skipped above --slow-max-n tokens so that one GPU call covers every size
 # (fastupg-triton is timed at every size since its backward became atomic-free split passes: the peer of the default)
 SLOW = {"fastupg-triton-sft", "fastupg-torch", "eager", "compile", "liger", "cce",
-        "fastupg-chunked-sft"}  # (the -sft row is the peer of cce)
+        "fastupg-chunked-sft", "fastupg-chunked-2pass"}  # (the -sft row is the peer of cce)
 
 
 # -- measurement ------------------------------------------------------------------------------------------------------

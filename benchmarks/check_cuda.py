@@ -210,17 +210,23 @@ def check_fused_linear(dev, V=151936, D=1536, B=4, T=256):
             hr, wr = h.to(dtype).double().requires_grad_(), w.to(dtype).double().requires_grad_()
             loss_r, _ = fused_linear_policy_loss(hr, wr, targets, est, temperature=TEMP, impl="torch", **kw)
             loss_r.backward()
-            for impl in ("triton", "chunked"):
-                for exact in ((True, False) if dtype == torch.bfloat16 else (True,)):
-                    hx, wx = h.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
-                    loss, _ = fused_linear_policy_loss(hx, wx, targets, est, temperature=TEMP, impl=impl,
-                                                       exact=exact, **kw)
-                    loss.backward()
-                    tol = TOL[dtype] if dtype == torch.bfloat16 else 1e-4  # fp32: 1e-4 for D-long fp32 dot products
-                    report(f"fused_linear[{impl}{'' if exact else ',skip'}]", name, dtype,
-                           dict(loss=loss_err(loss, loss_r, kw), dh=rel(hx.grad, hr.grad), dw=rel(wx.grad, wr.grad)),
-                           tol)
-                    del hx, wx
+            # (chunked, exact, one_pass=False): the two-pass path (its backward kernel) for token-level presets too
+            runs = [("triton", True, None), ("chunked", True, None), ("chunked", True, False)]
+            if dtype == torch.bfloat16:
+                runs += [("triton", False, None), ("chunked", False, None)]
+            for impl, exact, one_pass in runs:
+                if one_pass is False and est.sequence_level:
+                    continue  # (sequence-level estimators always take the two-pass path: the run above)
+                hx, wx = h.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+                loss, _ = fused_linear_policy_loss(hx, wx, targets, est, temperature=TEMP, impl=impl,
+                                                   exact=exact, one_pass=one_pass, **kw)
+                loss.backward()
+                tol = TOL[dtype] if dtype == torch.bfloat16 else 1e-4  # fp32: 1e-4 for D-long fp32 dot products
+                tag = impl + ("" if exact else ",skip") + (",2pass" if one_pass is False else "")
+                report(f"fused_linear[{tag}]", name, dtype,
+                       dict(loss=loss_err(loss, loss_r, kw), dh=rel(hx.grad, hr.grad), dw=rel(wx.grad, wr.grad)),
+                       tol)
+                del hx, wx
         del hr, wr, h, w
         torch.cuda.empty_cache()
 

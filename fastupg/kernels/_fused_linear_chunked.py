@@ -1,12 +1,14 @@
 """fused-linear impl "chunked" (the default on CUDA): cuBLAS GEMMs per chunk of rows, never the N x V logits.
 
-* `_chunked_forward`  fp32 logits per chunk -> log-probs, log-sum-exp, entropy (the logits kernel of
+* `_chunked_forward`  fp32 logits per chunk -> log-probs, log-sum-exp, entropy (the log-prob kernel of
   fastupg.kernels.logits on CUDA / under the interpreter, PyTorch otherwise).
 * `_chunked_backward` the two-pass backward (every estimator, GSPO included): recompute a chunk's logits, form the
-  gradient from dL/dl and dL/dH, two GEMMs.
+  gradient from dL/dl and dL/dH (one kernel launch on the kernel path), two GEMMs (per group of chunks there).
 * `_one_pass_chunked` forward AND gradient in one sweep (token-level estimators): 3 GEMMs instead of 4.
-dW accumulates by addmm_ in the weight's dtype (no weight-sized fp32 buffer); all vocabulary-sized buffers together
-stay within `chunk_bytes`. Measurements: benchmarks/RESULTS.md.
+On the kernel path the work per chunk is the logits GEMM and the kernel launches, nothing else (no conversions, no
+host syncs: data checks are read once per call; tests/kernels/test_host_work.py counts it). dW accumulates by addmm_
+in the weight's dtype (no weight-sized fp32 buffer); all vocabulary-sized buffers together stay within
+`chunk_bytes`. Measurements: benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -74,27 +76,30 @@ def _chunk_logits(h_c, w, b, temperature, sdt):
 
 
 def _chunked_forward(h, w, b, tgt, o: FusedLinearOptions):
+    """O(N) log-probs, log-sum-exps and entropies, one fp32 logits chunk at a time. Kernel path (CUDA / interpreter,
+    16-bit or fp32 inputs): per chunk the logits GEMM and ONE launch of the log-prob kernel, which writes straight
+    into the outputs; its finiteness check is read once at the end (a host sync per chunk would leave the GPU idle
+    while the host catches up). The targets were range-checked by the caller (fused_linear._validate)."""
     N, V = h.shape[0], w.shape[0]
     sdt = _stat_dtype(h.dtype)
     logp = torch.empty(N, dtype=sdt, device=h.device)
     lse = torch.empty(N, dtype=sdt, device=h.device)
     ent = torch.empty(N, dtype=sdt, device=h.device) if o.return_entropy else None
     step = _rows_per_chunk(V, o.chunk_bytes)
-    kernel = use_triton(h) and sdt == torch.float32
+    if use_triton(h) and sdt == torch.float32:
+        from fastupg.kernels._logits_checks import _nonfinite_check
+        from fastupg.kernels._logits_triton import logprob_rows
+        tgt_logit = torch.empty(N, dtype=sdt, device=h.device)  # z_t / T: the kernel's check input
+        ent_out = ent if ent is not None else torch.empty(N, dtype=sdt, device=h.device)
+        for i in range(0, N, step):
+            j = min(N, i + step)
+            z = _chunk_logits(h[i:j], w, b, 1.0, sdt)  # (the kernel applies 1/T)
+            logprob_rows(z, tgt[i:j], o.temperature, logp[i:j], lse[i:j], ent_out[i:j], tgt_logit[i:j])
+            del z
+        raise_failed_checks([_nonfinite_check(lse, tgt_logit)])
+        return logp, lse, ent
     for i in range(0, N, step):
         j = min(N, i + step)
-        if kernel:
-            # the logits kernel: ONE read of the chunk, no N x V temporaries (torch.logsumexp would add one)
-            from fastupg.kernels.logits import token_logprobs
-            z = _chunk_logits(h[i:j], w, b, 1.0, sdt)
-            out = token_logprobs(z, tgt[i:j], o.temperature, return_entropy=o.return_entropy)
-            lp, en = out if o.return_entropy else (out, None)
-            logp[i:j] = lp
-            lse[i:j] = z.gather(1, tgt[i:j, None]).squeeze(1) / o.temperature - lp  # lse = z_t / T - log p_t
-            if ent is not None:
-                ent[i:j] = en
-            del z
-            continue
         z = _chunk_logits(h[i:j], w, b, o.temperature, sdt)
         logp[i:j], lse[i:j], en = log_softmax_stats(z, tgt[i:j], ent is not None, inplace=True)  # z: log p
         if ent is not None:
@@ -119,6 +124,9 @@ def _chunked_backward(h, w, b, rows, tgt, lse, ent, gl, gh, o: FusedLinearOption
     dH = torch.zeros_like(h) if need_dh else None
     dW = _new_dw(w, need_dw)
     db = torch.zeros(V, dtype=sdt, device=w.device) if need_db else None
+    if o.exact and use_triton(h) and sdt == torch.float32:
+        _kernel_backward(h, w, b, rows, tgt, lse, ent, gl, gh, o, dH, dW, db)
+        return dH, dW, db
     eps = o.eps_for(h.dtype)
     vblock = _CHUNK_FILTER_BLOCK
     step = _rows_per_chunk(V, o.chunk_bytes, 4 + 4 + h.element_size())  # fp32 logits, one fp32 temporary, g
@@ -169,6 +177,41 @@ def _chunked_backward(h, w, b, rows, tgt, lse, ent, gl, gh, o: FusedLinearOption
             dH.index_copy_(0, r, dh_c.to(h.dtype))
         del g
     return dH, dW, db
+
+
+def _kernel_backward(h, w, b, rows, tgt, lse, ent, gl, gh, o: FusedLinearOptions, dH, dW, db):
+    """The exact backward on the kernel path: per fp32 logits chunk, the logits GEMM and ONE launch of the log-prob
+    gradient kernel writing g straight in the input dtype into the group's gradient rows (no fp32 temporaries);
+    per group of chunks dH[rows] = g @ W and dW += g^T H_rows (_group_gemms, as on the one-pass path)."""
+    M = rows.numel()
+    if M == 0:
+        return
+    from fastupg.kernels._logits_triton import logprob_grad_rows
+    V = w.shape[0]
+    sdt = _stat_dtype(h.dtype)
+    dense = M == h.shape[0]  # every row has a gradient: contiguous slices, dH written in place
+    ent = lse if ent is None else ent  # (read with g_ent = 0: no entropy term)
+    gh = torch.zeros_like(gl) if gh is None else gh
+    gl, gh = gl.float().contiguous(), gh.float().contiguous()
+    n_sub, n_grp = _one_pass_rows(V, h.element_size(), o.chunk_bytes)
+    gbuf = torch.empty(min(n_grp, M), V, dtype=h.dtype, device=h.device)
+    for g0 in range(0, M, n_grp):
+        gn = min(n_grp, M - g0)
+        gsel = slice(g0, g0 + gn) if dense else rows[g0:g0 + gn]
+        h_g = h[gsel] if dense else h.index_select(0, gsel)
+        for s0 in range(0, gn, n_sub):
+            s1 = min(gn, s0 + n_sub)
+            r = slice(g0 + s0, g0 + s1)
+            z = _chunk_logits(h_g[s0:s1], w, b, 1.0, sdt)  # (the kernel applies 1/T)
+            g_c = gbuf[s0:s1]
+            # interpreter: its fp32 -> 16-bit casts are unreliable; write fp32 into z, convert with torch
+            into = g_c if (h.is_cuda or h.dtype == sdt) else z
+            logprob_grad_rows(z, tgt[r], o.temperature, lse[r], ent[r], gl[r], gh[r], into)
+            if into is z:
+                g_c.copy_(z)
+            del z
+        _group_gemms(gbuf[:gn], h_g, w, gsel, dense, dH, dW, db, sdt, dH is not None, dW is not None,
+                     db is not None)
 
 
 def _token_estimator(est: Estimator) -> Estimator:
@@ -239,7 +282,14 @@ def _one_pass_chunked(h, w, b, tgt, est, kw, temperature, need, o: FusedLinearOp
     n_sub, n_grp = _one_pass_rows(V, h.element_size(), o.chunk_bytes)
     M = rows.numel()
     gbuf = torch.empty(min(n_grp, M), V, dtype=h.dtype, device=h.device) if M else None
-    xs_all = dict(x, scale=scale.float())
+    if kernel and M:
+        # the per-token inputs of the active rows converted once (the kernel then is the only launch per chunk
+        # besides the logits GEMM); outputs in active-row order
+        from fastupg.kernels._logits_triton import RowInputs
+        pick = (lambda v: v) if dense else (lambda v: v.index_select(0, rows))  # noqa: E731
+        xa = {k: (pick(v) if isinstance(v, torch.Tensor) and v.shape == (N,) else v) for k, v in x.items()}
+        xa["scale"] = pick(scale).float()
+        fused = RowInputs(est, xa, pick(tgt), h.device)
     for g0 in range(0, M, n_grp):
         gn = min(n_grp, M - g0)
         gsel = slice(g0, g0 + gn) if dense else rows[g0:g0 + gn]
@@ -247,23 +297,19 @@ def _one_pass_chunked(h, w, b, tgt, est, kw, temperature, need, o: FusedLinearOp
         g_g = gbuf[:gn]
         for s0 in range(0, gn, n_sub):
             sn = min(n_sub, gn - s0)
-            sel = slice(g0 + s0, g0 + s0 + sn) if dense else rows[g0 + s0:g0 + s0 + sn]
             h_c, g_c = h_g[s0:s0 + sn], g_g[s0:s0 + sn]
             if kernel:
-                # the fused loss kernel of fastupg.kernels.logits: ONE launch reads the fp32 logits twice and writes
-                # their gradient (temperature applied inside) in the input dtype into the group's gradient rows
-                from fastupg.kernels.logits import loss_and_grad_rows
+                # the fused loss kernel of fastupg.kernels.logits: reads the fp32 logits twice and writes their
+                # gradient (temperature applied inside) in the input dtype into the group's gradient rows
                 z = _chunk_logits(h_c, w, b, 1.0, sdt)
                 # interpreter: its fp32 -> 16-bit casts are unreliable; write fp32 into z, convert with torch below
                 into = g_c if (h.is_cuda or h.dtype == sdt) else z
-                xs = {k: (v[sel] if isinstance(v, torch.Tensor) else v) for k, v in xs_all.items()}
-                _, lp, en, _, _ = loss_and_grad_rows(z, tgt[sel], est, xs, temperature=o.temperature, grad_out=into,
-                                                     checks=checks)
-                logp[sel], ent[sel] = lp.to(sdt), en.to(sdt)
+                fused.launch(z, g0 + s0, g0 + s0 + sn, into, o.temperature)
                 if into is z:
                     g_c.copy_(z)
                 del z
             else:
+                sel = slice(g0 + s0, g0 + s0 + sn) if dense else rows[g0 + s0:g0 + s0 + sn]
                 g_c.copy_(_torch_chunk_grad(h_c, w, b, tgt[sel], sel, x, scale, est_tok, need_ent, logp, ent, o,
                                             h.dtype))
         # the two gradient GEMMs once per group: K = n_grp rows for dW's accumulation (its read-modify-write of the
@@ -271,6 +317,13 @@ def _one_pass_chunked(h, w, b, tgt, est, kw, temperature, need, o: FusedLinearOp
         # overlap the next group's logits and loss kernel was measured slower on an H100 (1.14-2.13x the time of this
         # serial order; benchmarks/RESULTS.md), so they run in order.
         _group_gemms(g_g, h_g, w, gsel, dense, dH, dW, db, sdt, need_dh, need_dw, need_db)
+    if kernel and M:
+        checks.append(fused.nonfinite_check())
+        if dense:
+            logp.copy_(fused.logp)
+            ent.copy_(fused.ent)
+        else:
+            logp[rows], ent[rows] = fused.logp.to(sdt), fused.ent.to(sdt)
     raise_failed_checks(checks)
     return logp, ent, dH, dW, db
 

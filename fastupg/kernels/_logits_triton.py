@@ -11,7 +11,9 @@
        gradient: logits read twice); SPLIT["one_launch"] keeps each chunk in registers across a meeting of the row's
        programs instead (logits read once), measured slower on an H100 (see SPLIT);
     3. `_finalize_kernel` (one program): the loss (float64 sum) and every metric of `fastupg.policy_loss`.
-* `loss_and_grad_rows`: the row-level building block (the chunked fused-linear impl calls it per chunk).
+* `loss_and_grad_rows`: the row-level building block; `RowInputs` its inputs converted once for a caller that
+  sweeps the rows in chunks (the chunked fused-linear impl: one kernel launch per chunk, nothing else);
+  `logprob_rows` / `logprob_grad_rows` token_logprobs' two kernels on rows, without its checks.
 * `rescale_rows`: the saved gradient times the upstream gradient, on the device.
 
 The per-token math follows `fastupg.estimator` exactly (docs/math.md §1):
@@ -619,17 +621,29 @@ def _codes(b, default_ref="policy"):
     return _REF[b.ref], _MASK[b.mask]
 
 
+def _ws_numel(N: int, V: int, block_v: int | None) -> int:
+    chunk, _ = _split_config(V, block_v)
+    return max(N, 1) * (-(-V // chunk)) * 4
+
+
+def _workspace(N: int, V: int, block_v: int | None, device) -> torch.Tensor:
+    """The fused kernel's per-row partials (4 floats per vocabulary chunk): reusable across launches of <= N rows
+    on one stream (each launch rewrites what it reads before reading it)."""
+    return torch.empty(_ws_numel(N, V, block_v), dtype=torch.float32, device=device)
+
+
 def _launch_rows(z, sb, st, TR, grad, gsb, gst, tgt, N, V, est, *, adv, adv_scalar, old, ref, scale, info,
-                 temperature, write_grad, a_one, block_v, arrivals=None):
-    """The main kernel over N rows: returns per-token (ell, logp, ent, ratio, kl, flags)."""
+                 temperature, write_grad, a_one, block_v, arrivals=None, out=None, ws=None):
+    """The main kernel over N rows: returns per-token (ell, logp, ent, ratio, kl, flags), written into `out` (six
+    (N,) tensors, views allowed) when given; `ws` a _workspace of >= N rows when given (else allocated)."""
     dev = z.device
     chunk, warps = _split_config(V, block_v)
     K = -(-V // chunk)
-    f32 = dict(dtype=torch.float32, device=dev)
-    tok = torch.empty(5, N, **f32)
-    ell, logp, ent, ratio, kl = tok.unbind(0)
-    flags = torch.empty(N, dtype=torch.int32, device=dev)
-    ws = torch.empty(max(N, 1) * K * 4, **f32)
+    if out is None:
+        tok = torch.empty(5, N, dtype=torch.float32, device=dev)
+        out = (*tok.unbind(0), torch.empty(N, dtype=torch.int32, device=dev))
+    ell, logp, ent, ratio, kl, flags = out
+    ws = _workspace(N, V, block_v, dev) if ws is None else ws
     if N == 0:
         return ell, logp, ent, ratio, kl, flags
     on_ref, on_mask = _codes(est.online)
@@ -680,31 +694,89 @@ def loss_and_grad_rows(logits2d: torch.Tensor, targets1d: torch.Tensor, estimato
     with aux = (flags (M, 3): clip low/high/dual, ratio (M,)). The non-finite-logits check is appended to `checks`
     when given (see fastupg.estimator.raise_failed_checks), else run here.
     """
-    if estimator.sequence_level:
-        raise ValueError(f"estimator {estimator.name!r} is sequence-level: use token_logprobs + fastupg.policy_loss")
-    z, t = logits2d, targets1d.to(torch.int64).contiguous()
-    if z.stride(-1) != 1:
-        z = z.contiguous()
-    M, V = z.shape
-    dev = z.device
+    rows = RowInputs(estimator, x, targets1d, logits2d.device)
+    z = logits2d if logits2d.stride(-1) == 1 else logits2d.contiguous()
     grad = torch.empty_like(z) if grad_out is None else grad_out
-    scale = x["scale"].to(device=dev, dtype=torch.float32).contiguous()
-    counted = x["mask"].bool() if x.get("mask") is not None else scale != 0
-    info = (counted.to(torch.int8) + 2 * x["offline"].to(torch.int8)).contiguous()
-    f = lambda v: None if v is None else v.to(device=dev, dtype=torch.float32).contiguous()  # noqa: E731
-    ref = x.get("ref") if estimator.kl_coef != 0 else None
-    ell, logp, ent, ratio, _, flags = _launch_rows(
-        z, z.stride(0), 0, 1, grad, grad.stride(0), 0, t, M, V, estimator, adv=f(x["adv"]), adv_scalar=1.0,
-        old=f(x["old"]), ref=f(ref), scale=scale, info=info, temperature=temperature, write_grad=True,
-        a_one=(False, False), block_v=block_v)
-    check = ((flags & C.E_LOGITS) != 0).any(), "logits contain non-finite values (nan/inf) (or the target " \
-                                                    "logit is -inf)"
+    rows.launch(z, 0, rows.M, grad, temperature, block_v=block_v)
+    check = rows.nonfinite_check()
     if checks is None:
         raise_failed_checks([check])
     else:
         checks.append(check)
-    flags3 = torch.stack([(flags >> i) & 1 for i in range(3)], 1).float()
-    return ell, logp, ent, grad, (flags3, ratio)
+    flags3 = torch.stack([(rows.flags >> i) & 1 for i in range(3)], 1).float()
+    return rows.ell, rows.logp, rows.ent, grad, (flags3, rows.ratio)
+
+
+class RowInputs:
+    """The per-token inputs of loss_and_grad_rows converted ONCE for M rows, and the (M,) outputs the fused kernel
+    writes, so that a caller sweeping the rows in chunks (the chunked fused-linear impl) launches the kernel per
+    chunk and nothing else: no per-chunk conversions, outputs, workspace or checks (one check at the end).
+
+    x as in loss_and_grad_rows. `launch(z, r0, r1, grad, ...)`: logits z (r1 - r0, V) of rows [r0, r1) -> their
+    gradient into grad, their outputs into self.ell/logp/ent/ratio/kl/flags[r0:r1].
+    """
+
+    def __init__(self, estimator: Estimator, x: dict, targets1d: torch.Tensor, device):
+        if estimator.sequence_level:
+            raise ValueError(f"estimator {estimator.name!r} is sequence-level: use token_logprobs + "
+                             "fastupg.policy_loss")
+        f = lambda v: None if v is None else v.to(device=device, dtype=torch.float32).contiguous()  # noqa: E731
+        self.est = estimator
+        self.tgt = targets1d.to(device=device, dtype=torch.int64).contiguous()
+        self.M = M = self.tgt.numel()
+        self.scale = f(x["scale"])
+        counted = x["mask"].bool() if x.get("mask") is not None else self.scale != 0
+        off = x.get("offline")
+        info = counted.to(torch.int8) if off is None else counted.to(torch.int8) + 2 * off.to(torch.int8)
+        self.info = info.to(device).contiguous()
+        self.adv, self.old = f(x["adv"]), f(x["old"])
+        self.ref = f(x.get("ref")) if estimator.kl_coef != 0 else None
+        tok = torch.empty(5, M, dtype=torch.float32, device=device)
+        self.ell, self.logp, self.ent, self.ratio, self.kl = tok.unbind(0)
+        self.flags = torch.empty(M, dtype=torch.int32, device=device)
+        self._ws = None
+
+    def launch(self, z: torch.Tensor, r0: int, r1: int, grad: torch.Tensor, temperature: float,
+               block_v: int | None = None) -> None:
+        n, V = z.shape
+        if n != r1 - r0 or z.stride(-1) != 1 or grad.shape != z.shape or grad.stride(-1) != 1:
+            raise ValueError(f"RowInputs.launch: logits {tuple(z.shape)} and grad {tuple(grad.shape)} must be "
+                             f"unit-stride ({r1 - r0}, V) tensors for rows [{r0}, {r1})")
+        if self._ws is None or self._ws.numel() < _ws_numel(n, V, block_v):
+            self._ws = _workspace(n, V, block_v, z.device)  # (the first chunk is the largest: allocated once)
+        s = slice(r0, r1)
+        c = (lambda v: None if v is None else v[s])  # noqa: E731
+        out = (self.ell[s], self.logp[s], self.ent[s], self.ratio[s], self.kl[s], self.flags[s])
+        _launch_rows(z, z.stride(0), 0, 1, grad, grad.stride(0), 0, self.tgt[s], n, V, self.est, adv=c(self.adv),
+                     adv_scalar=1.0, old=c(self.old), ref=c(self.ref), scale=self.scale[s], info=self.info[s],
+                     temperature=temperature, write_grad=True, a_one=(False, False), block_v=block_v, out=out,
+                     ws=self._ws)
+
+    def nonfinite_check(self):
+        """(bad, message) for raise_failed_checks: a row that counts has non-finite logits (no host sync here)."""
+        return ((self.flags & C.E_LOGITS) != 0).any(), \
+            "logits contain non-finite values (nan/inf) (or the target logit is -inf)"
+
+
+def logprob_rows(z: torch.Tensor, t: torch.Tensor, temperature: float, logp: torch.Tensor, lse: torch.Tensor,
+                 ent: torch.Tensor, tgt_logit: torch.Tensor, block_v: int | None = None) -> None:
+    """token_logprobs' forward kernel over the rows of z (n, V) into (n,) fp32 outputs (views allowed), without its
+    argument and data checks or host sync: the caller validated the targets and checks lse / tgt_logit (see
+    _nonfinite_check) once for all its chunks."""
+    n, V = z.shape
+    if n:
+        _logprobs_fwd[(n,)](z, z.stride(0), t, logp, lse, ent, tgt_logit, 1.0 / temperature, V=V,
+                            **_launch("stats", V, block_v, n))
+
+
+def logprob_grad_rows(z: torch.Tensor, t: torch.Tensor, temperature: float, lse: torch.Tensor, ent: torch.Tensor,
+                      g_logp: torch.Tensor, g_ent: torch.Tensor, grad: torch.Tensor, block_v: int | None = None) -> None:
+    """token_logprobs' backward kernel over the rows of z (n, V): grad = d(sum g_logp * logp + g_ent * H)/dz in
+    grad's dtype, ONE pass (grad may be z itself). lse/ent as logprob_rows wrote them; (n,) fp32 inputs."""
+    n, V = z.shape
+    if n:
+        _logprobs_bwd[(n,)](z, z.stride(0), grad, grad.stride(0), t, lse, ent, g_logp, g_ent, 1.0 / temperature,
+                            V=V, **_launch("grad", V, block_v))
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -118,13 +118,15 @@ def test_triton_fp32(preset, ent):
     _check(got, ref, 1e-5)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "triton"])
-def test_entropy_bonus_and_bf16(impl):
+@pytest.mark.parametrize("impl,one_pass", [("chunked", None), ("chunked", False), ("triton", None)])
+def test_entropy_bonus_and_bf16(impl, one_pass):
     est, h, w, b, tgt, kw = _case("hpt", N=40, D=40, seed=3, entropy_coef=0.05)
     # the reference sees exactly the bf16-rounded inputs
     h, w, b = (t.to(torch.bfloat16).double() for t in (h, w, b))
     ref = _reference(est, h, w, b, tgt, kw)
-    got = _run(est, h, w, b, tgt, kw, impl=impl, dtype=torch.bfloat16)
+    # chunked: 8 fp32 rows per chunk, so both paths sweep several chunks and gradient groups
+    extra = dict(one_pass=one_pass, chunk_bytes=(4 + 2 * 3) * V * 8) if impl == "chunked" else {}
+    got = _run(est, h, w, b, tgt, kw, impl=impl, dtype=torch.bfloat16, **extra)
     assert got[2].dtype == torch.bfloat16 and got[3].dtype == torch.bfloat16
     _check(got, ref, 2e-2)
     assert abs(float(got[1]["entropy"]) - float(ref[1]["entropy"])) < 2e-2 * float(ref[1]["entropy"])
