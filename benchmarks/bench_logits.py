@@ -13,7 +13,7 @@ Time: triton.testing.do_bench median (ms), L2 flushed; peak = memory allocated b
 (the N x V gradient counts unless written in place); x liger = Liger's time / this time, same size, same run.
 
     python benchmarks/bench_logits.py --out DIR     # GPU: JSON (pytest-benchmark shape), table, PNG plots in DIR
-    python benchmarks/bench_logits.py --tune        # also sweep the fused kernel's (chunk, warps) first
+    python benchmarks/bench_logits.py --tune        # also sweep the fused kernel's launch forms first (TUNE)
     python benchmarks/bench_logits.py --quick       # tiny sizes on the CPU (smoke test: times mean nothing)
     python benchmarks/plot_bench.py DIR/bench_logits.json --out DIR
 The same benchmarks run under pytest-benchmark: `pytest benchmarks/ --benchmark-json out.json`.
@@ -42,9 +42,15 @@ SIZES = [(8, 1024, 151936), (4, 8192, 151936)]
 QUICK_SIZES = [(2, 16, 1031), (2, 64, 1031)]
 METHODS = ("copy", "liger", "fastupg-fused", "fastupg-fused-deferred", "fastupg-logprobs", "eager", "torch.compile",
            "fastupg-fused-inplace")  # (in-place last: it overwrites the shared logits buffer)
-# (chunk, warps, one launch): the last entries time the two-launch form (3 x N x V bytes, no inter-program sync)
-TUNE = [(1024, 1, True), (2048, 1, True), (2048, 2, True), (4096, 2, True), (4096, 4, True), (8192, 4, True),
-        (4096, 4, False)]
+# (chunk, warps, one_launch, prefetch, reload). The H100 sweep of 2026-11-25 covered the one-launch form with
+# prefetch (3.6-6.0 ms at 8k tokens: 127-252 registers) and two launches at 1024 x 1 (2.84 ms, the default) and
+# 4096 x 4. Added 2026-12-06 from the sm_90 register counts of benchmarks/compile_logits.py (no GPU): 8-16 logits per
+# thread instead of 32, and the one-launch form that reloads its chunk from L2 (40-61 registers instead of 209).
+TUNE = [(1024, 1, False, True, False), (4096, 4, False, True, False),
+        (1024, 4, False, True, False), (2048, 4, False, True, False), (2048, 8, False, True, False),
+        (1024, 1, True, False, True), (1024, 2, True, False, True), (1024, 4, True, False, True),
+        (2048, 4, True, False, True), (2048, 8, True, False, True), (1024, 4, True, True, True),
+        (2048, 2, True, True, False)]
 
 
 class Problem:
@@ -169,21 +175,40 @@ def run_one(method: str, p: Problem, compiled=None) -> dict:
     return row
 
 
-def tune(p: Problem, configs=TUNE) -> tuple[int, int]:
-    """Sweep the fused kernel's (vocabulary chunk, warps) with check='deferred'; set and return the fastest."""
+def tune(p: Problem, configs=TUNE) -> dict:
+    """Sweep the fused kernel's launch forms (TUNE) with check='deferred'; set K.SPLIT to the fastest and return it."""
     rows = []
-    for chunk, warps, one in configs:
-        K.SPLIT.update(chunk=chunk, warps=warps, one_launch=one)
-        r = run_one("fastupg-fused-deferred", p)
-        print(f"# tune chunk={chunk:6d} warps={warps:2d} one_launch={one}: "
-              f"{r['total_ms'] if r['total_ms'] else r['status']}  "
-              f"(registers, spills, programs/SM: {K.KERNEL_INFO.get((chunk, warps)) if one else '-'})", flush=True)
+    default = dict(K.SPLIT)
+    ref = _loss_and_grad(p)  # the default configuration's (checked by check_cuda.py): every other must agree
+    for chunk, warps, one, prefetch, reload in configs:
+        K.SPLIT.update(chunk=chunk, warps=warps, one_launch=one, prefetch=prefetch, reload=reload)
+        loss, grad = _loss_and_grad(p)
+        err = max(abs(float(loss) - float(ref[0])) / max(abs(float(ref[0])), 1e-12),
+                  float((grad.float() - ref[1].float()).norm() / ref[1].float().norm()))
+        del grad
+        r = run_one("fastupg-fused-deferred", p) if err <= 2e-2 else dict(total_ms=None, status=f"BAD {err:.1e}")
+        res = K.KERNEL_INFO.get((chunk, warps, prefetch, reload)) if one else "-"
+        print(f"# tune chunk={chunk:6d} warps={warps:2d} one_launch={one} prefetch={prefetch} reload={reload}: "
+              f"{r['total_ms'] if r['total_ms'] else r['status']}  (vs default config: {err:.1e}; registers, "
+              f"spills, programs/SM: {res})", flush=True)
         if r["total_ms"]:
-            rows.append((r["total_ms"], chunk, warps, one))
+            rows.append((r["total_ms"], chunk, warps, one, prefetch, reload))
+    if not rows:
+        K.SPLIT.update(default)
+        print("# tune: no configuration agreed with the default one; keeping it", flush=True)
+        return K.SPLIT
     best = min(rows)
-    K.SPLIT.update(chunk=best[1], warps=best[2], one_launch=best[3])
+    K.SPLIT.update(chunk=best[1], warps=best[2], one_launch=best[3], prefetch=best[4], reload=best[5])
     print(f"# tune best: {K.SPLIT} ({best[0]:.3f} ms)", flush=True)
     return K.SPLIT
+
+
+def _loss_and_grad(p: Problem):
+    """fused_policy_loss's loss and logits gradient on p under the current launch configuration (K.SPLIT)."""
+    z = p.logits.detach().requires_grad_()
+    loss = fused_policy_loss(z, p.y, p.est, advantages=p.adv, old_logp=p.old, mask=p.mask)[0]
+    loss.backward()
+    return loss.detach(), z.grad
 
 
 def profile_step(method: str, p: Problem) -> str:
@@ -302,7 +327,8 @@ def main(argv=None):
         if cuda:
             torch.cuda.empty_cache()
     info["fused_kernel_config"] = dict(K.SPLIT)
-    info["fused_kernel_resources"] = {f"{c}x{w}": v for (c, w), v in K.KERNEL_INFO.items()}
+    info["fused_kernel_resources"] = {f"{c}x{w}{'+p' if pf else ''}{'+r' if rl else ''}": v
+                                      for (c, w, pf, rl), v in K.KERNEL_INFO.items()}
     text = table(rows)
     print(f"device: {info['device']}  ({'times meaningless: CPU smoke test' if not cuda else 'do_bench median'})")
     print(text)

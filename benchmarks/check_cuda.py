@@ -23,7 +23,7 @@ from _bench_common import alias  # noqa: E402
 from fastupg.estimator import PRESETS, Estimator  # noqa: E402
 from fastupg.kernels import (fused_linear_logprobs, fused_linear_policy_loss, fused_policy_loss,  # noqa: E402
                              token_logprobs)
-from fastupg.kernels.logits import SPLIT  # noqa: E402
+from fastupg.kernels.logits import KERNEL_INFO, SPLIT  # noqa: E402
 from fastupg.kernels.torch_reference import fused_policy_loss_ref, token_logprobs_ref  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -70,6 +70,7 @@ def loss_err(loss, ref, kw):
 
 def check_logits_ops(dev, V=151936, B=2, T=192, large=True):
     g = torch.Generator(device=dev).manual_seed(0)
+    default = dict(SPLIT)  # the launch configuration every variant below starts from and returns to
     for dtype in (torch.float32, torch.bfloat16):
         logits = (torch.randn(B, T, V, generator=g, device=dev) * 3).to(dtype)
         y = torch.randint(0, V, (B, T), generator=g, device=dev)
@@ -97,11 +98,19 @@ def check_logits_ops(dev, V=151936, B=2, T=192, large=True):
             loss_r.backward()
             variants = [("", {})]
             if name in ("grpo", "hpt", "luffy"):  # (each variant compiles its own kernels: a few presets)
+                # launch forms other than the default: the other one of one/two launches, and the one-launch form
+                # that reloads its chunk from L2 (chunk 1024 x 4 warps: more chunks per row than SMs, so its
+                # occupancy must be known before the first launch; inplace: the reload must not see the gradient)
                 variants += [("+deferred", dict(check="deferred")), ("+inplace", dict(inplace_backward=True)),
-                             ("+1launch" if not SPLIT["one_launch"] else "+2launch", dict(_flip=True))]
-            default_one = SPLIT["one_launch"]
+                             ("+1launch" if not default["one_launch"] else "+2launch",
+                              dict(_split=dict(one_launch=not default["one_launch"]))),
+                             ("+1launch-reload", dict(_split=dict(one_launch=True, reload=True, prefetch=False,
+                                                                  chunk=1024, warps=4))),
+                             ("+1launch-reload+inplace", dict(inplace_backward=True, _split=dict(
+                                 one_launch=True, reload=True, prefetch=False, chunk=1024, warps=4)))]
             for tag, extra in variants:
-                SPLIT["one_launch"] = (not default_one) if extra.pop("_flip", False) else default_one
+                SPLIT.clear()
+                SPLIT.update(default, **extra.pop("_split", {}))
                 leaf = logits.clone().requires_grad_()
                 z = alias(leaf) if extra.get("inplace_backward") else leaf
                 loss, met = fused_policy_loss(z, targets, est, temperature=TEMP, **kw, **extra)
@@ -109,9 +118,13 @@ def check_logits_ops(dev, V=151936, B=2, T=192, large=True):
                 errs = dict(loss=loss_err(loss, loss_r, kw), dz=rel(leaf.grad, zr.grad))
                 errs["metrics"] = max(abs(float(met[k]) - float(met_r[k])) / max(1.0, abs(float(met_r[k])))
                                       for k in met_r)
+                if "reload" in tag:  # the one-launch form must have run (not fallen back to two launches)
+                    res = KERNEL_INFO.get((1024, 4, False, True))
+                    errs["one_launch_ran"] = 0.0 if isinstance(res, tuple) else float("inf")
                 report("fused_policy_loss" + tag, name, dtype, errs, TOL[dtype])
                 del z, leaf
-            SPLIT["one_launch"] = default_one
+            SPLIT.clear()
+            SPLIT.update(default)
             from fastupg.kernels.logits import raise_deferred_checks  # noqa: PLC0415
             raise_deferred_checks()
             del zr, logits

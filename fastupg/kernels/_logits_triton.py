@@ -322,7 +322,7 @@ def _nonfinite(v):
 
 
 @triton.jit
-def _load_chunk(logits_ptr, sb, st, TR, info_ptr, row, N, offs, V):
+def _load_chunk(logits_ptr, sb, st, TR, info_ptr, row, N, offs, V, EVICT: tl.constexpr):
     """This program's chunk of logits of `row` (-inf where masked: rows past N and rows that do not count)."""
     ok = row < N
     r = tl.where(ok, row, 0)
@@ -330,7 +330,7 @@ def _load_chunk(logits_ptr, sb, st, TR, info_ptr, row, N, offs, V):
     b = r // TR
     ptr = logits_ptr + b * sb + (r - b * TR) * st
     lim = tl.where(ok & ((info & 1) != 0), V, 0)  # (a scalar bound: the interpreter takes no tile & scalar masks)
-    return tl.load(ptr + offs, mask=offs < lim, other=float("-inf"), eviction_policy="evict_first")
+    return tl.load(ptr + offs, mask=offs < lim, other=float("-inf"), eviction_policy=EVICT)
 
 
 @triton.jit
@@ -343,7 +343,8 @@ def _fused_kernel(logits_ptr, sb, st, TR, grad_ptr, gsb, gst,
                   WRITE_GRAD: tl.constexpr,
                   ON_REF: tl.constexpr, ON_MASK: tl.constexpr, OFF_REF: tl.constexpr, OFF_MASK: tl.constexpr,
                   ON_A1: tl.constexpr, OFF_A1: tl.constexpr, HAS_ADV: tl.constexpr, HAS_OLD: tl.constexpr,
-                  DUAL: tl.constexpr, KL_EST: tl.constexpr, KL_ON: tl.constexpr, HAS_ENT: tl.constexpr):
+                  DUAL: tl.constexpr, KL_EST: tl.constexpr, KL_ON: tl.constexpr, HAS_ENT: tl.constexpr,
+                  PREFETCH: tl.constexpr, RELOAD: tl.constexpr):
     """Loss, log-prob, entropy, metrics inputs AND the logits gradient of every token, each row read ONCE.
 
     Row split: program pid always handles vocabulary chunk c = pid % K (CHUNK logits, held in registers) of rows
@@ -355,6 +356,10 @@ def _fused_kernel(logits_ptr, sb, st, TR, grad_ptr, gsb, gst,
     program may not wait for another): stats, then combine + gradient with the chunk read again.
     Rows with info_t & 1 == 0 (masked) get a zero gradient without reading their logits. Chunk-0 programs write
     the per-token outputs and flags (clip bits 0-2, data-check bits E_LOGITS ... E_TARGET) of every row.
+    PREFETCH: the next row's chunk is loaded while this row is worked on (more bytes in flight per program, more
+    registers). RELOAD (PHASE 0): the chunk is read again after the meeting instead of being held in registers
+    across it; its first read asks L2 to keep it (evict_last), so the second read is served from L2 and the logits
+    still cross HBM once, while the registers the held chunk took are free for more programs per SM.
     """
     pid = tl.program_id(0)
     G = tl.num_programs(0) // K
@@ -363,12 +368,20 @@ def _fused_kernel(logits_ptr, sb, st, TR, grad_ptr, gsb, gst,
     valid = offs < V
     kk = tl.arange(0, KP)
     row0 = pid // K + tl.zeros((), tl.int64)  # 64-bit offsets: N x V may exceed 2^31
-    xq = _load_chunk(logits_ptr, sb, st, TR, info_ptr, row0, N, offs, V)
+    if RELOAD:
+        EVICT: tl.constexpr = "evict_last"
+    else:
+        EVICT: tl.constexpr = "evict_first"
+    if PREFETCH:
+        xq = _load_chunk(logits_ptr, sb, st, TR, info_ptr, row0, N, offs, V, EVICT)
     for it in range(0, iters):
         row = row0 + it * G
-        # prefetch: the next row's chunk is in flight while this row's partials are combined and its gradient
-        # written (no hazard in place: nobody writes that row before this program has arrived at its counter)
-        xq_next = _load_chunk(logits_ptr, sb, st, TR, info_ptr, row + G, N, offs, V)
+        if PREFETCH:
+            # the next row's chunk is in flight while this row's partials are combined and its gradient written
+            # (no hazard in place: nobody writes that row before this program has arrived at its counter)
+            xq_next = _load_chunk(logits_ptr, sb, st, TR, info_ptr, row + G, N, offs, V, EVICT)
+        else:
+            xq = _load_chunk(logits_ptr, sb, st, TR, info_ptr, row, N, offs, V, EVICT)
         if row < N:
             info = tl.load(info_ptr + row).to(tl.int32)
             b = row // TR
@@ -457,7 +470,11 @@ def _fused_kernel(logits_ptr, sb, st, TR, grad_ptr, gsb, gst,
                         # x again from the chunk's raw values (held in their 2-byte dtype across the meeting point:
                         # fp32 copies held there would halve the programs that fit on an SM); `+ 0 * M` keeps the
                         # compiler from reusing (and so keeping alive) the first pass's fp32 values
-                        x2 = xq.to(tl.float32) * (inv_t + 0.0 * M)
+                        if RELOAD:
+                            x2 = tl.load(row_ptr + offs, mask=valid, other=float("-inf"),
+                                         eviction_policy="evict_first").to(tl.float32) * inv_t
+                        else:
+                            x2 = xq.to(tl.float32) * (inv_t + 0.0 * M)
                         p = tl.exp(x2 - lse)
                         g = -c_l * p
                         if HAS_ENT:
@@ -487,7 +504,8 @@ def _fused_kernel(logits_ptr, sb, st, TR, grad_ptr, gsb, gst,
                         tl.store(ratio_ptr + row, 0.0)
                         tl.store(kl_ptr + row, 0.0)
                         tl.store(flags_ptr + row, errs)
-        xq = xq_next
+        if PREFETCH:
+            xq = xq_next
 
 
 @triton.jit
@@ -571,9 +589,17 @@ def _rescale_kernel(buf_ptr, sb, st, TR, N, g_ptr, V: tl.constexpr, BLOCK: tl.co
 # only 1-9 programs fit on an SM, too few bytes in flight to hide the meeting; it took 3.6-6.0 ms at 8k tokens
 # against 2.84 ms for two launches of 1024-logit chunks with one warp. So two launches are the default; one_launch=True
 # stays available (checked on the GPU by check_cuda.py). FASTUPG_LOGITS_SPLIT="chunk,warps" overrides chunk/warps.
-SPLIT = dict(chunk=1024, warps=1, one_launch=False)
+# prefetch (every phase): load the next row's chunk while working on this one (the measured configurations above).
+# reload (one launch only, 2026-12-06, NOT YET MEASURED on a GPU): read the chunk again from L2 after the meeting
+# instead of holding it in registers; compiled for sm_90 here (triton 3.9, benchmarks/compile_logits.py) it cuts the
+# registers the one-launch kernel needs (see RESULTS.md), which was what held it back.
+SPLIT = dict(chunk=1024, warps=1, one_launch=False, prefetch=True, reload=False)
 _OCCUPANCY: dict = {}  # compiled-kernel key -> programs per SM that fit at once (from its registers/shared memory)
-KERNEL_INFO: dict = {}  # (chunk, warps) -> (registers per thread, spills, programs per SM): printed by the benchmark
+KERNEL_INFO: dict = {}  # _info_key -> (registers per thread, spills, programs per SM): printed by the benchmark
+
+
+def _info_key(chunk: int, warps: int) -> tuple:
+    return chunk, warps, bool(SPLIT["prefetch"]), bool(SPLIT["reload"])
 
 
 def _split_config(V: int, block_v: int | None) -> tuple[int, int]:
@@ -610,6 +636,21 @@ def _programs_per_sm(compiled, warps: int) -> int:
     by_regs = props["max_num_regs"] // (regs_warp * warps)
     by_smem = props["max_shared_mem"] // max(compiled.metadata.shared + 1024, 1)
     return max(1, min(by_regs, by_smem, 2048 // (32 * warps), 32))
+
+
+def _one_launch_occupancy(largs, meta, chunk: int, warps: int) -> int:
+    """Programs of the one-launch kernel that fit on an SM at once, from its compiled resources, BEFORE its first
+    launch (compiled, not run: a grid larger than what fits would wait forever at the meeting). Without a resource
+    report: 1 (always resident; then a row of more chunks than SMs takes the two-launch form)."""
+    try:
+        ck = _fused_kernel.warmup(*largs, grid=(1,), PHASE=0, **meta)
+        ck._init_handles()  # (loads the module: fills n_regs / n_spills)
+        n = _programs_per_sm(ck, warps)
+        KERNEL_INFO[_info_key(chunk, warps)] = (ck.n_regs, ck.n_spills, n)
+        return n
+    except Exception as e:  # noqa: BLE001
+        KERNEL_INFO[_info_key(chunk, warps)] = f"no resource report ({type(e).__name__}: {e}); 1 program per SM"
+        return 1
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -652,7 +693,8 @@ def _launch_rows(z, sb, st, TR, grad, gsb, gst, tgt, N, V, est, *, adv, adv_scal
     meta = dict(V=V, CHUNK=chunk, K=K, KP=_pow2(K), WRITE_GRAD=write_grad,
                 ON_REF=on_ref, ON_MASK=on_mask, OFF_REF=off_ref, OFF_MASK=off_mask, ON_A1=a_one[0], OFF_A1=a_one[1],
                 HAS_ADV=adv is not None, HAS_OLD=old is not None, DUAL=est.dual_clip is not None, KL_EST=kl_est,
-                KL_ON=est.kl_coef != 0, HAS_ENT=est.entropy_coef != 0, num_warps=warps)
+                KL_ON=est.kl_coef != 0, HAS_ENT=est.entropy_coef != 0, PREFETCH=bool(SPLIT["prefetch"]),
+                RELOAD=bool(SPLIT["reload"]) and _single_launch_ok(dev), num_warps=warps)
     dummy = scale
     args = [z, sb, st, TR, grad if write_grad else z, gsb, gst, tgt,
             adv if adv is not None else dummy, old if old is not None else dummy, ref if ref is not None else dummy,
@@ -661,21 +703,17 @@ def _launch_rows(z, sb, st, TR, grad, gsb, gst, tgt, N, V, est, *, adv, adv_scal
             float(est.dual_clip or 0.0), float(est.gamma), float(est.entropy_coef), float(est.kl_coef)]
     if _single_launch_ok(dev):
         key = (dev.index, z.dtype, grad.dtype if write_grad else None, tuple(sorted(meta.items())))
-        per_sm = _OCCUPANCY.get(key, 1)  # first call: one program per SM always fits; then the measured occupancy
-        G = min((_sm_count(dev) * per_sm) // K, N)
+        cnt = arrivals if arrivals is not None else torch.zeros(N, dtype=torch.int32, device=dev)
+        head = (*args[:-1], ws, cnt, N)
+        if key not in _OCCUPANCY:  # (iters = 2 there: an argument equal to 1 would be compiled in as a constant)
+            _OCCUPANCY[key] = _one_launch_occupancy((*head, 2, *scal), meta, chunk, warps)
+        G = min((_sm_count(dev) * _OCCUPANCY[key]) // K, N)  # rows in flight: every program resident at once
         if G >= 1:
-            cnt = arrivals if arrivals is not None else torch.zeros(N, dtype=torch.int32, device=dev)
-            ck = _fused_kernel[(G * K,)](*args[:-1], ws, cnt, N, -(-N // G), *scal, PHASE=0, **meta)
-            if key not in _OCCUPANCY:
-                try:
-                    _OCCUPANCY[key] = _programs_per_sm(ck, warps)
-                    KERNEL_INFO[(chunk, warps)] = (ck.n_regs, ck.n_spills, _OCCUPANCY[key])
-                except Exception as e:  # noqa: BLE001  (no resource report: one program per SM, always resident)
-                    _OCCUPANCY[key] = 1
-                    KERNEL_INFO[(chunk, warps)] = f"no resource report ({type(e).__name__}: {e}); 1 program per SM"
+            _fused_kernel[(G * K,)](*head, -(-N // G), *scal, PHASE=0, **meta)
             return ell, logp, ent, ratio, kl, flags
     G = N if dev.type == "cuda" else min(N, 64)  # (no co-residency needed: one program per chunk on a GPU)
     cnt = torch.empty(1, dtype=torch.int32, device=dev)  # (unused by PHASE 1/2)
+    meta["RELOAD"] = False  # (PHASE 2 reads the chunk anew anyway)
     for phase in (1, 2):
         _fused_kernel[(G * K,)](*args[:-1], ws, cnt, N, -(-N // G), *scal, PHASE=phase, **meta)
     return ell, logp, ent, ratio, kl, flags

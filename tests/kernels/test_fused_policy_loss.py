@@ -89,6 +89,18 @@ def test_every_preset_fp32(name):
         assert 0 < met["clip_ratio/low"] + met["clip_ratio/high"] < 1  # some sequences clipped, some not
 
 
+@pytest.mark.parametrize("name", ["grpo", "luffy", "hpt"])
+def test_without_prefetch(name, monkeypatch):
+    """SPLIT["prefetch"] = False (a launch form the GPU tuning sweeps: the chunk is loaded at the top of each row
+    instead of one row ahead): same results. (The one-launch forms, reload included, need a GPU: check_cuda.py.)"""
+    from fastupg.kernels import _logits_triton as KT
+    monkeypatch.setitem(KT.SPLIT, "prefetch", False)
+    monkeypatch.setitem(KT.SPLIT, "reload", True)  # (honoured by the one-launch form only: a no-op here)
+    est, logits, targets, kw = _batch(name, entropy_coef=0.01, kl_coef=0.05, seed=4)
+    _check(est, logits, targets, kw, 1e-5)
+    _check(est, logits, targets, kw, 1e-5, inplace=True)
+
+
 @pytest.mark.parametrize("name", ["grpo", "luffy", "hpt", "cispo", "sft"])
 def test_bf16(name):
     est, logits, targets, kw = _batch(name, dtype=torch.bfloat16, seed=1, entropy_coef=0.01)
@@ -327,3 +339,20 @@ def test_deferred_checks_raise_later_without_a_sync():
     raise_deferred_checks()  # "off": nothing queued
     with pytest.raises(ValueError, match="check must be one of"):
         fused_policy_loss(logits, targets, est, check="later", **kw)
+
+
+def test_fused_kernel_compiles_for_sm90():
+    """The interpreter never runs the one-launch form (its programs wait for each other) and accepts kernels the GPU
+    compiler refuses: compile every launch form of the fused kernel for sm_90 with the ptxas that ships with triton
+    (a subprocess: this process runs triton in interpreter mode)."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "compile_logits.py"), "--quick"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    row = [ln for ln in r.stdout.splitlines() if ln.strip().startswith("1024 x")]
+    assert len(row) == 1 and row[0].count("(") == 6, r.stdout  # registers (programs/SM) of the 6 forms
