@@ -322,15 +322,20 @@ def _nonfinite(v):
 
 
 @triton.jit
-def _load_chunk(logits_ptr, sb, st, TR, info_ptr, row, N, offs, V, EVICT: tl.constexpr):
-    """This program's chunk of logits of `row` (-inf where masked: rows past N and rows that do not count)."""
+def _load_chunk(logits_ptr, sb, st, TR, info_ptr, row, N, offs, V, KEEP_IN_L2: tl.constexpr):
+    """This program's chunk of logits of `row` (-inf where masked: rows past N and rows that do not count); with
+    KEEP_IN_L2 the read asks L2 to keep the chunk for a second read soon (else to drop it first)."""
     ok = row < N
     r = tl.where(ok, row, 0)
     info = tl.load(info_ptr + r).to(tl.int32)
     b = r // TR
     ptr = logits_ptr + b * sb + (r - b * TR) * st
     lim = tl.where(ok & ((info & 1) != 0), V, 0)  # (a scalar bound: the interpreter takes no tile & scalar masks)
-    return tl.load(ptr + offs, mask=offs < lim, other=float("-inf"), eviction_policy=EVICT)
+    if KEEP_IN_L2:
+        x = tl.load(ptr + offs, mask=offs < lim, other=float("-inf"), eviction_policy="evict_last")
+    else:
+        x = tl.load(ptr + offs, mask=offs < lim, other=float("-inf"), eviction_policy="evict_first")
+    return x
 
 
 @triton.jit
@@ -368,20 +373,16 @@ def _fused_kernel(logits_ptr, sb, st, TR, grad_ptr, gsb, gst,
     valid = offs < V
     kk = tl.arange(0, KP)
     row0 = pid // K + tl.zeros((), tl.int64)  # 64-bit offsets: N x V may exceed 2^31
-    if RELOAD:
-        EVICT: tl.constexpr = "evict_last"
-    else:
-        EVICT: tl.constexpr = "evict_first"
     if PREFETCH:
-        xq = _load_chunk(logits_ptr, sb, st, TR, info_ptr, row0, N, offs, V, EVICT)
+        xq = _load_chunk(logits_ptr, sb, st, TR, info_ptr, row0, N, offs, V, RELOAD)
     for it in range(0, iters):
         row = row0 + it * G
         if PREFETCH:
             # the next row's chunk is in flight while this row's partials are combined and its gradient written
             # (no hazard in place: nobody writes that row before this program has arrived at its counter)
-            xq_next = _load_chunk(logits_ptr, sb, st, TR, info_ptr, row + G, N, offs, V, EVICT)
+            xq_next = _load_chunk(logits_ptr, sb, st, TR, info_ptr, row + G, N, offs, V, RELOAD)
         else:
-            xq = _load_chunk(logits_ptr, sb, st, TR, info_ptr, row, N, offs, V, EVICT)
+            xq = _load_chunk(logits_ptr, sb, st, TR, info_ptr, row, N, offs, V, RELOAD)
         if row < N:
             info = tl.load(info_ptr + row).to(tl.int32)
             b = row // TR
