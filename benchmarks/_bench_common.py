@@ -64,3 +64,21 @@ def run_suite_quick(suite: str, select: str, json_out) -> dict:
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     with open(json_out) as f:
         return json.load(f)
+
+
+def cubin_resources(compiled) -> tuple[int, int]:
+    """(registers per thread, stack bytes) of a kernel compiled by triton.compile for an NVIDIA target, read from its
+    cubin with the cuobjdump that ships with triton (no GPU needed)."""
+    import re  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    import triton  # noqa: PLC0415
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    reg, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
+    return int(reg.group(1)), int(stack.group(1)) if stack else 0

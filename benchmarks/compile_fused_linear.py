@@ -7,7 +7,8 @@ host code can launch, through ptxas, for sm_90 (H100/H200):
     python benchmarks/compile_fused_linear.py                 # bf16 and fp32, every variant (a few minutes of CPU)
     python benchmarks/compile_fused_linear.py --quick         # bf16 dH and dW passes with filtering (CI test)
 
-Exit code 0 when everything compiled; prints one line per kernel with its shared memory.
+Exit code 0 when everything compiled; prints one line per kernel with its shared memory and registers per thread
+(this machine's triton: the GPU's version may allocate differently).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("run without TRITON_INTERPRET=1 (it replaces the compiler by the interpreter)")
 
@@ -25,6 +27,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import fastupg.kernels._fused_linear_triton as flt  # noqa: E402
+from _bench_common import cubin_resources  # noqa: E402
 from fastupg.kernels._fused_linear_common import FusedLinearOptions  # noqa: E402
 
 INTS = {"N", "M", "V", "D", "stride_hn", "stride_wv", "blocks_per_prog", "nprog"}
@@ -80,7 +83,9 @@ def main(argv=None) -> int:
         k = triton.compile(ASTSource(fn, signature(fn, dt, consts), consts), target=target,
                            options=dict(num_warps=4, num_stages=3))
         flags = " ".join(f"{n}={int(v)}" for n, v in consts.items())
-        print(f"ok  {fn.fn.__name__:<12} {dt:<5} {flags}  shared {k.metadata.shared} B", flush=True)
+        regs, stack = cubin_resources(k)
+        print(f"ok  {fn.fn.__name__:<12} {dt:<5} {flags}  shared {k.metadata.shared} B, {regs} registers/thread"
+              f"{f', {stack} B stack (spills)' if stack else ''}", flush=True)
     return 0
 
 

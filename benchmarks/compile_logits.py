@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("run without TRITON_INTERPRET=1 (it replaces the compiler by the interpreter)")
 
@@ -33,9 +31,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import fastupg.kernels._logits_triton as lt  # noqa: E402
+from _bench_common import cubin_resources  # noqa: E402
 
 V = 151936
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 INTS = {"sb", "st", "TR", "gsb", "gst", "N", "iters"}
 # (one_launch, prefetch, reload): the forms _launch_rows can launch
 FORMS = {"2+p": (False, True, False), "2": (False, False, False), "1+p": (True, True, False),
@@ -74,13 +72,7 @@ def registers(chunk: int, warps: int, phase: int, prefetch: bool, reload: bool, 
     consts = grpo_consts(chunk, phase, prefetch, reload)
     k = triton.compile(ASTSource(lt._fused_kernel, signature(consts), consts), target=GPUTarget("cuda", arch, 32),
                        options=dict(num_warps=warps, num_stages=1))
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(k.asm["cubin"])
-        out = subprocess.run([CUOBJDUMP, "-res-usage", path], capture_output=True, text=True, check=True).stdout
-    reg, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
-    return int(reg.group(1)), int(stack.group(1)) if stack else 0
+    return cubin_resources(k)
 
 
 def programs_per_sm(regs: int, warps: int) -> int:
