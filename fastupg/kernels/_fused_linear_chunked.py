@@ -89,6 +89,7 @@ def _chunked_forward(h, w, b, tgt, o: FusedLinearOptions):
     if use_triton(h) and sdt == torch.float32:
         from fastupg.kernels._logits_checks import _nonfinite_check
         from fastupg.kernels._logits_triton import logprob_rows
+        tgt = tgt.to(torch.int64)  # (once, O(N): the kernel's index arithmetic in 64 bits whatever the int dtype)
         tgt_logit = torch.empty(N, dtype=sdt, device=h.device)  # z_t / T: the kernel's check input
         ent_out = ent if ent is not None else torch.empty(N, dtype=sdt, device=h.device)
         for i in range(0, N, step):
@@ -193,6 +194,7 @@ def _kernel_backward(h, w, b, rows, tgt, lse, ent, gl, gh, o: FusedLinearOptions
     ent = lse if ent is None else ent  # (read with g_ent = 0: no entropy term)
     gh = torch.zeros_like(gl) if gh is None else gh
     gl, gh = gl.float().contiguous(), gh.float().contiguous()
+    tgt = tgt.to(torch.int64)
     n_sub, n_grp = _one_pass_rows(V, h.element_size(), o.chunk_bytes)
     gbuf = torch.empty(min(n_grp, M), V, dtype=h.dtype, device=h.device)
     for g0 in range(0, M, n_grp):
