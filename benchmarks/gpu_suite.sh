@@ -68,7 +68,7 @@ if [ "${SUITE_FAST:-0}" = 1 ]; then NS="8192 32768"; else NS="8192 32768 131072"
 if want logits && [ -f benchmarks/bench_logits.py ]; then
   mkdir -p "$OUT_DIR/logits"
   # --tune: the fused kernel's launch forms first (each checked against the default form), then every row with the
-  # fastest (about a minute more than without)
+  # fastest. Added 2026-12-06, its time not yet measured: if the suite runs past one call, split it with SUITE_ONLY
   step bench_logits 180 "$OUT_DIR/logits/bench_logits.txt" python3 benchmarks/bench_logits.py --tune --out "$OUT_DIR/logits"
 fi
 if want fused_linear; then
