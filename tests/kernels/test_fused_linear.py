@@ -562,17 +562,9 @@ def test_split_passes_gradient_filtering_skips_tiles(small_blocks):
     assert not torch.equal(filt[3], exact[3])  # the skipped tiles are really missing from dW
 
 
-def test_split_pass_kernels_compile_for_sm90():
-    """The interpreter accepts kernels the GPU compiler refuses: compile the bf16 backward passes for sm_90 with the
-    ptxas that ships with triton (a subprocess: this process runs triton in interpreter mode)."""
-    import subprocess  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = root
-    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "compile_fused_linear.py"), "--quick"],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+def test_split_pass_kernels_compile_for_sm90(compile_for_gpu):
+    """The interpreter accepts kernels the GPU compiler refuses: compile the bf16 backward passes for sm_90."""
+    r = compile_for_gpu("compile_fused_linear.py")
     assert r.stdout.count("ok ") == 2, r.stdout
 
 

@@ -341,18 +341,9 @@ def test_deferred_checks_raise_later_without_a_sync():
         fused_policy_loss(logits, targets, est, check="later", **kw)
 
 
-def test_fused_kernel_compiles_for_sm90():
+def test_fused_kernel_compiles_for_sm90(compile_for_gpu):
     """The interpreter never runs the one-launch form (its programs wait for each other) and accepts kernels the GPU
-    compiler refuses: compile every launch form of the fused kernel for sm_90 with the ptxas that ships with triton
-    (a subprocess: this process runs triton in interpreter mode)."""
-    import os
-    import subprocess
-    import sys
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = root
-    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "compile_logits.py"), "--quick"],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    compiler refuses: compile every launch form of the fused kernel for sm_90."""
+    r = compile_for_gpu("compile_logits.py")
     row = [ln for ln in r.stdout.splitlines() if ln.strip().startswith("1024 x")]
     assert len(row) == 1 and row[0].count("(") == 6, r.stdout  # registers (programs/SM) of the 6 forms
