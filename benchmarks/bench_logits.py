@@ -45,7 +45,8 @@ METHODS = ("copy", "liger", "fastupg-fused", "fastupg-fused-deferred", "fastupg-
 # (chunk, warps, one_launch, prefetch, reload). The H100 sweep of 2026-11-25 covered the one-launch form with
 # prefetch (3.6-6.0 ms at 8k tokens: 127-252 registers) and two launches at 1024 x 1 (2.84 ms, the default) and
 # 4096 x 4. Added 2026-12-06 from the sm_90 register counts of benchmarks/compile_logits.py (no GPU): 8-16 logits per
-# thread instead of 32, and the one-launch form that reloads its chunk from L2 (40-61 registers instead of 209).
+# thread instead of 32, and the one-launch form that reloads its chunk from L2 (64 registers instead of 108-120 at
+# 1024 x 2 and 2048 x 4 with triton 3.6: twice the programs per SM).
 TUNE = [(1024, 1, False, True, False), (4096, 4, False, True, False),
         (1024, 4, False, True, False), (2048, 4, False, True, False),
         (1024, 1, True, False, True), (1024, 2, True, False, True), (1024, 4, True, False, True),

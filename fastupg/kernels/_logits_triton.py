@@ -338,7 +338,9 @@ def _load_chunk(logits_ptr, sb, st, TR, info_ptr, row, N, offs, V, KEEP_IN_L2: t
     return x
 
 
-@triton.jit
+# N and iters are not specialised (triton compiles a value of 1 in as a constant): one compiled kernel whatever N, so
+# the one-launch form's occupancy, read from the kernel compiled before its first launch, is that of the one launched
+@triton.jit(do_not_specialize=["N", "iters"])
 def _fused_kernel(logits_ptr, sb, st, TR, grad_ptr, gsb, gst,
                   tgt_ptr, adv_ptr, old_ptr, ref_ptr, scale_ptr, info_ptr,
                   ell_ptr, logp_ptr, ent_ptr, ratio_ptr, kl_ptr, flags_ptr,
@@ -592,10 +594,11 @@ def _rescale_kernel(buf_ptr, sb, st, TR, N, g_ptr, V: tl.constexpr, BLOCK: tl.co
 # stays available (checked on the GPU by check_cuda.py). FASTUPG_LOGITS_SPLIT="chunk,warps" overrides chunk/warps.
 # prefetch (every phase): load the next row's chunk while working on this one (the measured configurations above).
 # reload (one launch only, 2026-12-06, NOT YET MEASURED on a GPU): read the chunk again from L2 after the meeting
-# instead of holding it in registers; compiled for sm_90 here (triton 3.9, benchmarks/compile_logits.py) it cuts the
-# registers the one-launch kernel needs (see RESULTS.md), which was what held it back.
+# instead of holding it in registers; compiled for sm_90 with triton 3.6 (benchmarks/compile_logits.py) it takes 64
+# registers instead of 108-120 at 1024 x 2 and 2048 x 4, twice the programs per SM (see RESULTS.md).
 SPLIT = dict(chunk=1024, warps=1, one_launch=False, prefetch=True, reload=False)
 _OCCUPANCY: dict = {}  # compiled-kernel key -> programs per SM that fit at once (from its registers/shared memory)
+LAST_LAUNCH: dict = {}  # {"form": "one" | "two"}: the form the last _launch_rows ran (check_cuda.py reads it)
 KERNEL_INFO: dict = {}  # _info_key -> (registers per thread, spills, programs per SM): printed by the benchmark
 
 
@@ -703,20 +706,25 @@ def _launch_rows(z, sb, st, TR, grad, gsb, gst, tgt, N, V, est, *, adv, adv_scal
     scal = [1.0 / temperature, float(adv_scalar), float(est.eps_low), float(est.eps_high),
             float(est.dual_clip or 0.0), float(est.gamma), float(est.entropy_coef), float(est.kl_coef)]
     if _single_launch_ok(dev):
-        key = (dev.index, z.dtype, grad.dtype if write_grad else None, tuple(sorted(meta.items())))
+        # every argument's dtype is in the key (each combination is its own compiled kernel, with its own registers)
+        key = (dev.index, tuple(a.dtype for a in args if isinstance(a, torch.Tensor)), tuple(sorted(meta.items())))
         cnt = arrivals if arrivals is not None else torch.zeros(N, dtype=torch.int32, device=dev)
         head = (*args[:-1], ws, cnt, N)
-        if key not in _OCCUPANCY:  # (iters = 2 there: an argument equal to 1 would be compiled in as a constant)
+        if key not in _OCCUPANCY:
             _OCCUPANCY[key] = _one_launch_occupancy((*head, 2, *scal), meta, chunk, warps)
-        G = min((_sm_count(dev) * _OCCUPANCY[key]) // K, N)  # rows in flight: every program resident at once
+        # rows in flight: every program must be resident at once (the meeting would wait forever otherwise). One
+        # program per SM is held back: a kernel specialised for other pointer alignments may take a few registers more
+        G = min((_sm_count(dev) * max(1, _OCCUPANCY[key] - 1)) // K, N)
         if G >= 1:
             _fused_kernel[(G * K,)](*head, -(-N // G), *scal, PHASE=0, **meta)
+            LAST_LAUNCH["form"] = "one"
             return ell, logp, ent, ratio, kl, flags
     G = N if dev.type == "cuda" else min(N, 64)  # (no co-residency needed: one program per chunk on a GPU)
     cnt = torch.empty(1, dtype=torch.int32, device=dev)  # (unused by PHASE 1/2)
     meta["RELOAD"] = False  # (PHASE 2 reads the chunk anew anyway)
     for phase in (1, 2):
         _fused_kernel[(G * K,)](*args[:-1], ws, cnt, N, -(-N // G), *scal, PHASE=phase, **meta)
+    LAST_LAUNCH["form"] = "two"
     return ell, logp, ent, ratio, kl, flags
 
 
@@ -774,6 +782,8 @@ class RowInputs:
         self.ell, self.logp, self.ent, self.ratio, self.kl = tok.unbind(0)
         self.flags = torch.empty(M, dtype=torch.int32, device=device)
         self._ws = None
+        # the one-launch form's arrival counters, zeroed once (each row's programs meet once)
+        self._arrivals = torch.zeros(M, dtype=torch.int32, device=device) if _single_launch_ok(device) else None
 
     def launch(self, z: torch.Tensor, r0: int, r1: int, grad: torch.Tensor, temperature: float,
                block_v: int | None = None) -> None:
@@ -789,7 +799,7 @@ class RowInputs:
         _launch_rows(z, z.stride(0), 0, 1, grad, grad.stride(0), 0, self.tgt[s], n, V, self.est, adv=c(self.adv),
                      adv_scalar=1.0, old=c(self.old), ref=c(self.ref), scale=self.scale[s], info=self.info[s],
                      temperature=temperature, write_grad=True, a_one=(False, False), block_v=block_v, out=out,
-                     ws=self._ws)
+                     ws=self._ws, arrivals=None if self._arrivals is None else self._arrivals[s])
 
     def nonfinite_check(self):
         """(bad, message) for raise_failed_checks: a row that counts has non-finite logits (no host sync here)."""
