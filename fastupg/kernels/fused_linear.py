@@ -97,9 +97,11 @@ def _validate(hidden, weight, targets, bias, temperature, impl):
     if hidden.device != weight.device or targets.device != hidden.device:
         raise ValueError("hidden, weight and targets must be on the same device")
     V = weight.shape[0]
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= V):
-        raise ValueError(f"targets must lie in [0, {V}) (use any valid id, e.g. 0, at masked positions; "
-                         f"got range [{int(targets.min())}, {int(targets.max())}])")
+    if targets.numel():
+        lo, hi = torch.stack(torch.aminmax(targets)).tolist()  # (one host sync for both ends)
+        if lo < 0 or hi >= V:
+            raise ValueError(f"targets must lie in [0, {V}) (use any valid id, e.g. 0, at masked positions; "
+                             f"got range [{lo}, {hi}])")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.shape != (V,):
             raise ValueError(f"bias must be a ({V},) tensor, got {getattr(bias, 'shape', type(bias).__name__)}")
