@@ -62,13 +62,12 @@ def demo_recipe() -> dict:
     return yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
 
 
+_DEMO = demo_recipe()
+
+
 def task_overrides() -> dict:
     """The embedded task and base model of the demo (configs/demo.yaml): every method starts from that base."""
-    demo = demo_recipe()
-    return {k: demo[k] for k in TASK_KEYS if k in demo}
-
-
-_DEMO = demo_recipe()
+    return {k: _DEMO[k] for k in TASK_KEYS if k in _DEMO}
 
 
 @dataclass(frozen=True)

@@ -180,6 +180,16 @@ def _chunked_backward(h, w, b, rows, tgt, lse, ent, gl, gh, o: FusedLinearOption
     return dH, dW, db
 
 
+def _kernel_writes_rows(g_c, z, launch) -> None:
+    """launch(into): a kernel that writes the gradient of the fp32 logits chunk z into `into`, wanted in g_c (the
+    group's rows, input dtype). The interpreter's fp32 -> 16-bit casts are unreliable: there the kernel writes fp32
+    into z itself (in place) and torch converts."""
+    into = g_c if (z.is_cuda or g_c.dtype == z.dtype) else z
+    launch(into)
+    if into is z:
+        g_c.copy_(z)
+
+
 def _kernel_backward(h, w, b, rows, tgt, lse, ent, gl, gh, o: FusedLinearOptions, dH, dW, db):
     """The exact backward on the kernel path: per fp32 logits chunk, the logits GEMM and ONE launch of the log-prob
     gradient kernel writing g straight in the input dtype into the group's gradient rows (no fp32 temporaries);
@@ -205,12 +215,8 @@ def _kernel_backward(h, w, b, rows, tgt, lse, ent, gl, gh, o: FusedLinearOptions
             s1 = min(gn, s0 + n_sub)
             r = slice(g0 + s0, g0 + s1)
             z = _chunk_logits(h_g[s0:s1], w, b, 1.0, sdt)  # (the kernel applies 1/T)
-            g_c = gbuf[s0:s1]
-            # interpreter: its fp32 -> 16-bit casts are unreliable; write fp32 into z, convert with torch
-            into = g_c if (h.is_cuda or h.dtype == sdt) else z
-            logprob_grad_rows(z, tgt[r], o.temperature, lse[r], ent[r], gl[r], gh[r], into)
-            if into is z:
-                g_c.copy_(z)
+            _kernel_writes_rows(gbuf[s0:s1], z, lambda into: logprob_grad_rows(
+                z, tgt[r], o.temperature, lse[r], ent[r], gl[r], gh[r], into))
             del z
         _group_gemms(gbuf[:gn], h_g, w, gsel, dense, dH, dW, db, sdt, dH is not None, dW is not None,
                      db is not None)
@@ -304,11 +310,7 @@ def _one_pass_chunked(h, w, b, tgt, est, kw, temperature, need, o: FusedLinearOp
                 # the fused loss kernel of fastupg.kernels.logits: reads the fp32 logits twice and writes their
                 # gradient (temperature applied inside) in the input dtype into the group's gradient rows
                 z = _chunk_logits(h_c, w, b, 1.0, sdt)
-                # interpreter: its fp32 -> 16-bit casts are unreliable; write fp32 into z, convert with torch below
-                into = g_c if (h.is_cuda or h.dtype == sdt) else z
-                fused.launch(z, g0 + s0, g0 + s0 + sn, into, o.temperature)
-                if into is z:
-                    g_c.copy_(z)
+                _kernel_writes_rows(g_c, z, lambda into: fused.launch(z, g0 + s0, g0 + s0 + sn, into, o.temperature))
                 del z
             else:
                 sel = slice(g0 + s0, g0 + s0 + sn) if dense else rows[g0 + s0:g0 + s0 + sn]

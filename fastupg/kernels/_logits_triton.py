@@ -819,7 +819,8 @@ def logprob_rows(z: torch.Tensor, t: torch.Tensor, temperature: float, logp: tor
 
 
 def logprob_grad_rows(z: torch.Tensor, t: torch.Tensor, temperature: float, lse: torch.Tensor, ent: torch.Tensor,
-                      g_logp: torch.Tensor, g_ent: torch.Tensor, grad: torch.Tensor, block_v: int | None = None) -> None:
+                      g_logp: torch.Tensor, g_ent: torch.Tensor, grad: torch.Tensor,
+                      block_v: int | None = None) -> None:
     """token_logprobs' backward kernel over the rows of z (n, V): grad = d(sum g_logp * logp + g_ent * H)/dz in
     grad's dtype, ONE pass (grad may be z itself). lse/ent as logprob_rows wrote them; (n,) fp32 inputs."""
     n, V = z.shape

@@ -122,7 +122,11 @@ def _per_extra_chunk(count, make, small, large):
     work = b.work
     work.subtract(a.work)
     per_chunk = {k: v / extra_chunks for k, v in work.items() if v}
-    return a, b, per_chunk, (b.launches - a.launches) / extra_chunks
+    launches = (b.launches - a.launches) / extra_chunks
+    # the figures benchmarks/RESULTS.md quotes ("Host work per chunk"): `pytest -s` shows them
+    print(f"\nper extra chunk: ops {per_chunk}, launches {launches}; host syncs per call: {a.syncs} ({small} rows), "
+          f"{b.syncs} ({large} rows)")
+    return a, b, per_chunk, launches
 
 
 def test_nograd_forward_per_chunk_is_one_gemm_and_one_launch(count):
