@@ -42,15 +42,15 @@ SIZES = [(8, 1024, 151936), (4, 8192, 151936)]
 QUICK_SIZES = [(2, 16, 1031), (2, 64, 1031)]
 METHODS = ("copy", "liger", "fastupg-fused", "fastupg-fused-deferred", "fastupg-logprobs", "eager", "torch.compile",
            "fastupg-fused-inplace")  # (in-place last: it overwrites the shared logits buffer)
-# (chunk, warps, one_launch, prefetch, reload). The H100 sweep of 2026-11-25 covered the one-launch form with
-# prefetch (3.6-6.0 ms at 8k tokens: 127-252 registers) and two launches at 1024 x 1 (2.84 ms, the default) and
-# 4096 x 4. Added 2026-12-06 from the sm_90 register counts of benchmarks/compile_logits.py (no GPU): 8-16 logits per
-# thread instead of 32, and the one-launch form that reloads its chunk from L2 (64 registers instead of 108-120 at
-# 1024 x 2 and 2048 x 4 with triton 3.6: twice the programs per SM).
-TUNE = [(1024, 1, False, True, False), (4096, 4, False, True, False),
-        (1024, 4, False, True, False), (2048, 4, False, True, False),
-        (1024, 1, True, False, True), (1024, 2, True, False, True), (1024, 4, True, False, True),
-        (2048, 4, True, False, True), (2048, 8, True, False, True)]
+# (chunk, warps, one_launch, lag): the fused kernel's launch forms (SPLIT in fastupg/kernels/_logits_triton.py). The
+# H100 sweep of 2026-11-25 timed the two-launch form of then at 1024 x 1 (2.84 ms at 8k tokens, the default) and
+# 4096 x 4 (2.86), and the one-launch form of then (3.6-6.0 ms). Both forms changed on 2026-12-07 (the row part
+# once per row; the one-launch form in ticket order, its chunk read again from L2 `lag` rows later): not yet
+# measured. lag: with ~2-4k one-warp programs resident on an H100 (about 14-28 rows of 149 chunks), a lag of
+# 32-64 rows rarely waits, and keeps 9-19 MB of logits between a chunk's two reads (L2: 50 MB).
+TUNE = [(1024, 1, False, 0), (4096, 4, False, 0), (2048, 4, False, 0),
+        (1024, 1, True, 32), (1024, 1, True, 64), (1024, 2, True, 32), (1024, 4, True, 16), (1024, 4, True, 32),
+        (2048, 4, True, 32)]
 
 
 class Problem:
@@ -180,25 +180,23 @@ def tune(p: Problem, configs=TUNE) -> dict:
     rows = []
     default = dict(K.SPLIT)
     ref = _loss_and_grad(p)  # the default configuration's (checked by check_cuda.py): every other must agree
-    for chunk, warps, one, prefetch, reload in configs:
-        K.SPLIT.update(chunk=chunk, warps=warps, one_launch=one, prefetch=prefetch, reload=reload)
+    for chunk, warps, one, lag in configs:
+        K.SPLIT.update(chunk=chunk, warps=warps, one_launch=one, lag=lag or default["lag"])
         loss, grad = _loss_and_grad(p)
         err = max(abs(float(loss) - float(ref[0])) / max(abs(float(ref[0])), 1e-12),
                   float((grad.float() - ref[1].float()).norm() / ref[1].float().norm()))
         del grad
         r = run_one("fastupg-fused-deferred", p) if err <= 2e-2 else dict(total_ms=None, status=f"BAD {err:.1e}")
-        res = K.KERNEL_INFO.get((chunk, warps, prefetch, reload)) if one else "-"
-        print(f"# tune chunk={chunk:6d} warps={warps:2d} one_launch={one} prefetch={prefetch} reload={reload}: "
-              f"{r['total_ms'] if r['total_ms'] else r['status']}  (vs default config: {err:.1e}; registers, "
-              f"spills, programs/SM: {res})", flush=True)
+        print(f"# tune chunk={chunk:6d} warps={warps:2d} one_launch={one!s:5} lag={lag:3d}: "
+              f"{r['total_ms'] if r['total_ms'] else r['status']}  (vs default config: {err:.1e})", flush=True)
         if r["total_ms"]:
-            rows.append((r["total_ms"], chunk, warps, one, prefetch, reload))
+            rows.append((r["total_ms"], chunk, warps, one, lag or default["lag"]))
     if not rows:
         K.SPLIT.update(default)
         print("# tune: no configuration agreed with the default one; keeping it", flush=True)
         return K.SPLIT
     best = min(rows)
-    K.SPLIT.update(chunk=best[1], warps=best[2], one_launch=best[3], prefetch=best[4], reload=best[5])
+    K.SPLIT.update(chunk=best[1], warps=best[2], one_launch=best[3], lag=best[4])
     print(f"# tune best: {K.SPLIT} ({best[0]:.3f} ms)", flush=True)
     return K.SPLIT
 
@@ -311,7 +309,7 @@ def main(argv=None):
     rows = []
     for i, (B, T, V) in enumerate(sizes):
         p = Problem(B, T, V, dev)
-        if a.tune and cuda and i == 0:
+        if a.tune and i == 0:  # (on the CPU: every form runs and is compared with the default; times meaningless)
             tune(p)
         compiled = None
         if cuda and "torch.compile" in a.methods and not a.no_compile:
@@ -327,8 +325,6 @@ def main(argv=None):
         if cuda:
             torch.cuda.empty_cache()
     info["fused_kernel_config"] = dict(K.SPLIT)
-    info["fused_kernel_resources"] = {f"{c}x{w}{'+p' if pf else ''}{'+r' if rl else ''}": v
-                                      for (c, w, pf, rl), v in K.KERNEL_INFO.items()}
     text = table(rows)
     print(f"device: {info['device']}  ({'times meaningless: CPU smoke test' if not cuda else 'do_bench median'})")
     print(text)

@@ -5,6 +5,8 @@ The test suite checks the kernels under TRITON_INTERPRET=1 on small sizes; the c
 once on every GPU before timing anything:
 
     python benchmarks/check_cuda.py            # V = 151936 (Qwen2.5), every preset, fp32 and bf16; exits 1 on failure
+    TRITON_INTERPRET=1 python benchmarks/check_cuda.py --smoke   # every check at tiny sizes on the CPU (a CI test:
+                                               # the script's own logic is checked before it costs GPU time)
 
 Each line: op, preset, dtype, relative error of the loss (against the size of its terms) and of each gradient
 (max |err| / max |ref|), and the tolerance of the core issue (1e-5 fp32, 2e-2 bf16).
@@ -99,16 +101,18 @@ def check_logits_ops(dev, V=151936, B=2, T=192, large=True):
             loss_r.backward()
             variants = [("", {})]
             if name in ("grpo", "hpt", "luffy"):  # (each variant compiles its own kernels: a few presets)
-                # launch forms other than the default: the other one of one/two launches, and the one-launch form
-                # that reloads its chunk from L2 (chunk 1024 x 4 warps: more chunks per row than SMs, so its
-                # occupancy must be known before the first launch; inplace: the reload must not see the gradient)
+                # launch forms other than the default: the one-launch form (ticket order, atomics, waits: what the
+                # interpreter runs in order and so never races) at the default lag, in place (the gradient part
+                # must not overwrite a chunk before its stats were read), and at lag 1, where nearly every gradient
+                # program waits for a row whose last stats program has just arrived (memory ordering under load);
+                # and the three-launch form if the default is the one-launch one
+                one = dict(one_launch=True, chunk=1024, warps=4)
                 variants += [("+deferred", dict(check="deferred")), ("+inplace", dict(inplace_backward=True)),
-                             ("+1launch" if not default["one_launch"] else "+2launch",
-                              dict(_split=dict(one_launch=not default["one_launch"]))),
-                             ("+1launch-reload", dict(_split=dict(one_launch=True, reload=True, prefetch=False,
-                                                                  chunk=1024, warps=4))),
-                             ("+1launch-reload+inplace", dict(inplace_backward=True, _split=dict(
-                                 one_launch=True, reload=True, prefetch=False, chunk=1024, warps=4)))]
+                             ("+1launch", dict(_split=one)),
+                             ("+1launch+inplace", dict(inplace_backward=True, _split=one)),
+                             ("+1launch-lag1+inplace", dict(inplace_backward=True, _split=dict(one, lag=1, warps=1)))]
+                if default["one_launch"]:
+                    variants.append(("+3launch", dict(_split=dict(one_launch=False))))
             for tag, extra in variants:
                 SPLIT.clear()
                 SPLIT.update(default, **extra.pop("_split", {}))
@@ -120,8 +124,9 @@ def check_logits_ops(dev, V=151936, B=2, T=192, large=True):
                 errs = dict(loss=loss_err(loss, loss_r, kw), dz=rel(leaf.grad, zr.grad))
                 errs["metrics"] = max(abs(float(met[k]) - float(met_r[k])) / max(1.0, abs(float(met_r[k])))
                                       for k in met_r)
-                if "reload" in tag:  # the one-launch form must have run (not fallen back to two launches)
-                    errs["one_launch_ran"] = 0.0 if LAST_LAUNCH.get("form") == "one" else float("inf")
+                if "launch" in tag:  # the form named must be the one that ran
+                    ran = LAST_LAUNCH.get("form")
+                    errs["form_ran"] = 0.0 if ran == ("three" if "3launch" in tag else "one") else float("inf")
                 report("fused_policy_loss" + tag, name, dtype, errs, TOL[dtype])
                 del z, leaf
             SPLIT.clear()
@@ -134,7 +139,7 @@ def check_logits_ops(dev, V=151936, B=2, T=192, large=True):
         check_logits_large(dev)
 
 
-def check_logits_large(dev, V=151936, B=4, T=8192, rows_per_block=1024, min_elems=2 ** 31):
+def check_logits_large(dev, V=151936, B=4, T=8192, rows_per_block=1024, min_elems=2 ** 31, first_past=None):
     """N x V > 2^31 (32k tokens x 151936 = 4.98e9 logits) through both logits ops, fp32 and bf16, against a float64
     oracle built block of rows by block of rows: every token's log-prob and entropy, the loss and the metrics, and the
     gradient of selected rows on both sides of the 2^31-element boundary (row 14134 is the first past it) and at
@@ -145,7 +150,7 @@ def check_logits_large(dev, V=151936, B=4, T=8192, rows_per_block=1024, min_elem
     assert N * V > min_elems
     g = torch.Generator(device=dev).manual_seed(5)
     est = Estimator.preset("grpo", entropy_coef=0.01)
-    first_past = 2 ** 31 // V + 1
+    first_past = first_past or 2 ** 31 // V + 1
     rows = torch.tensor([0, 1, first_past - 2, first_past - 1, first_past, first_past + 1, N // 2, N - 2, N - 1],
                         device=dev)
     rows = torch.unique(rows[rows < N])
@@ -179,19 +184,25 @@ def check_logits_large(dev, V=151936, B=4, T=8192, rows_per_block=1024, min_elem
             return (coef_l[rows, None] * (onehot - p) - coef_h[rows, None] * p * (lq + H)) / TEMP
 
         z = logits.requires_grad_()
-        loss, met = fused_policy_loss(z, y, est, temperature=TEMP, **kw)
-        loss.backward()
-        # clip fractions: a token whose ratio sits on a clip bound may flip with fp32 rounding of its log-prob;
-        # at 32k tokens one flip moves a fraction by 3e-5, so they are compared in tokens (at most 3 flips)
-        n_on = float(met_r["tokens/online"])
-        flips = max(abs(float(met[k]) - float(met_r[k])) * n_on for k in met_r if k.startswith("clip_ratio"))
-        errs = dict(loss=loss_err(loss, loss_r, kw), dz_rows=rel(z.grad.view(N, V)[rows], grad_rows(dl, dh)),
-                    metrics=max(abs(float(met[k]) - float(met_r[k])) / max(1.0, abs(float(met_r[k])))
-                                for k in met_r if not k.startswith("clip_ratio")),
-                    clip_flips_over_3=max(0.0, flips - 3.0))
-        report("fused_policy_loss_large", f"N={N}", dtype, errs, TOL[dtype])
-        z.grad = None
-        torch.cuda.empty_cache()
+        default = dict(SPLIT)
+        for form in ("default", "one_launch"):  # (the one-launch form's tickets and rows also cross 2^31 elements)
+            SPLIT.update(default, **({} if form == "default" else dict(one_launch=True, chunk=1024, warps=4)))
+            loss, met = fused_policy_loss(z, y, est, temperature=TEMP, **kw)
+            loss.backward()
+            # clip fractions: a token whose ratio sits on a clip bound may flip with fp32 rounding of its log-prob;
+            # at 32k tokens one flip moves a fraction by 3e-5, so they are compared in tokens (at most 3 flips)
+            n_on = float(met_r["tokens/online"])
+            flips = max(abs(float(met[k]) - float(met_r[k])) * n_on for k in met_r if k.startswith("clip_ratio"))
+            errs = dict(loss=loss_err(loss, loss_r, kw), dz_rows=rel(z.grad.view(N, V)[rows], grad_rows(dl, dh)),
+                        metrics=max(abs(float(met[k]) - float(met_r[k])) / max(1.0, abs(float(met_r[k])))
+                                    for k in met_r if not k.startswith("clip_ratio")),
+                        clip_flips_over_3=max(0.0, flips - 3.0))
+            report("fused_policy_loss_large" + ("" if form == "default" else "+1launch"), f"N={N}", dtype, errs,
+                   TOL[dtype])
+            z.grad = None
+            torch.cuda.empty_cache()
+        SPLIT.clear()
+        SPLIT.update(default)
         gl = torch.randn(N, generator=g, device=dev, dtype=torch.float64)
         ge = torch.randn(N, generator=g, device=dev, dtype=torch.float64)
         lp, en = token_logprobs(z, y, TEMP, return_entropy=True)
@@ -245,12 +256,12 @@ def check_fused_linear(dev, V=151936, D=1536, B=4, T=256):
         torch.cuda.empty_cache()
 
 
-def check_fused_linear_large(dev, V=151936, D=512, B=8, T=4096):
+def check_fused_linear_large(dev, V=151936, D=512, B=8, T=4096, min_elems=2 ** 31):
     """N x V > 2^31 (32k tokens x 151936 = 4.98e9 logits): every impl's fp32 and bf16 log-probs, entropies and
     gradients of L = sum_t c_t logp_t + e_t H_t against a float64 oracle built row block by row block (the loss is a
     sum over tokens, so dH is per block and dW the sum of the blocks' contributions)."""
     N = B * T
-    assert N * V > 2 ** 31
+    assert N * V > min_elems
     g = torch.Generator(device=dev).manual_seed(3)
     h = torch.randn(N, D, generator=g, device=dev)
     w = torch.randn(V, D, generator=g, device=dev) * (2.0 / D ** 0.5)
@@ -305,19 +316,36 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--part", choices=["all", "logits", "fused_linear"], default="all")
     ap.add_argument("--no-large", action="store_true", help="skip the N x V > 2^31 checks (logits and fused-linear, ~1 min each)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="every check at tiny sizes on the CPU under TRITON_INTERPRET=1 (the script's logic, not the GPU)")
     a = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("check_cuda.py needs a CUDA GPU (the test suite covers the CPU interpreter)")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    dev = torch.device("cuda")
     import triton  # noqa: PLC0415
-    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
-    if a.part in ("all", "logits"):
-        check_logits_ops(dev, large=not a.no_large)
-    if a.part in ("all", "fused_linear"):
-        check_fused_linear(dev)
-        if not a.no_large:
-            check_fused_linear_large(dev)
+    if a.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("check_cuda.py --smoke runs the kernels under the interpreter: set TRITON_INTERPRET=1")
+        dev = torch.device("cpu")
+        print(f"# smoke test on the CPU (interpreter): torch {torch.__version__} triton {triton.__version__}")
+        if a.part in ("all", "logits"):
+            check_logits_ops(dev, V=1031, B=2, T=6, large=False)
+            if not a.no_large:  # (the same code with a tiny "boundary": row 7 is the first past 7 rows)
+                check_logits_large(dev, V=1031, B=2, T=8, rows_per_block=5, min_elems=0, first_past=7)
+        if a.part in ("all", "fused_linear"):
+            check_fused_linear(dev, V=1031, D=24, B=2, T=6)
+            if not a.no_large:
+                check_fused_linear_large(dev, V=1031, D=24, B=2, T=8, min_elems=0)
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("check_cuda.py needs a CUDA GPU (the test suite covers the CPU interpreter; --smoke: this "
+                     "script's logic at tiny sizes)")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        dev = torch.device("cuda")
+        print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
+        if a.part in ("all", "logits"):
+            check_logits_ops(dev, large=not a.no_large)
+        if a.part in ("all", "fused_linear"):
+            check_fused_linear(dev)
+            if not a.no_large:
+                check_fused_linear_large(dev)
     print(f"# {len(failures)} failure(s)")
     for f in failures:
         print(f)

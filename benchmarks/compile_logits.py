@@ -1,15 +1,15 @@
 """Compile the fused logits-loss kernel for an NVIDIA target without a GPU: registers per thread and programs per SM.
 
-The CPU interpreter runs programs one after another, so it never runs the one-launch form (PHASE 0: the programs of
-a row wait for each other) and never sees what the GPU compiler makes of a kernel. This compiles `_fused_kernel`
-(GRPO preset, bf16 logits, V = 151936) for sm_90 with the ptxas that ships with triton and reads the registers per
-thread from the cubin (cuobjdump, also shipped): on an H100 the one-launch form was measured slow because it needed
-127-252 registers (1-9 programs per SM: too few bytes in flight), see benchmarks/RESULTS.md.
+The CPU interpreter accepts kernels the GPU compiler refuses and never shows what the compiler makes of them. This
+compiles `_fused_kernel` (GRPO preset, bf16 logits, V = 151936) for sm_90 with the ptxas that ships with triton and
+reads the registers per thread from the cubin (cuobjdump, also shipped): on an H100 the one-launch form of
+2026-11-25 was measured slow because it needed 127-252 registers (1-9 programs per SM: too few bytes in flight),
+see benchmarks/RESULTS.md.
 
     python benchmarks/compile_logits.py            # every (chunk, warps) of bench_logits.TUNE, every form
     python benchmarks/compile_logits.py --quick    # one configuration, the forms the host can launch (CI test)
 
-Forms: 1 = one launch (PHASE 0), 2 = two launches (PHASE 1 stats, PHASE 2 gradient); +p prefetch, +r reload (see
+Columns: the three-launch form's PHASE 1 (stats), 2 (row) and 3 (gradient), and the one-launch form's PHASE 0 (see
 SPLIT in fastupg/kernels/_logits_triton.py). programs/SM = what the registers leave (65536 per SM, allocated per warp
 in units of 256), capped by 64 warps and 32 blocks per SM (sm_90). Registers depend on the triton version: the
 figures printed are this machine's compiler's, not a GPU measurement. Exit code 0 when everything compiled.
@@ -34,10 +34,8 @@ import fastupg.kernels._logits_triton as lt  # noqa: E402
 from _bench_common import cubin_resources  # noqa: E402
 
 V = 151936
-INTS = {"sb", "st", "TR", "gsb", "gst", "N", "iters"}
-# (one_launch, prefetch, reload): the forms _launch_rows can launch
-FORMS = {"2+p": (False, True, False), "2": (False, False, False), "1+p": (True, True, False),
-         "1": (True, False, False), "1+r": (True, False, True), "1+p+r": (True, True, True)}
+INTS = {"sb", "st", "TR", "gsb", "gst", "N", "lag"}
+PHASES = {"3:stats": 1, "3:row": 2, "3:grad": 3, "1:all": 0}  # the launches _launch_rows can make
 
 
 def signature(consts: dict) -> dict:
@@ -51,7 +49,7 @@ def signature(consts: dict) -> dict:
             sig[p] = "*i64"
         elif p == "info_ptr":
             sig[p] = "*i8"
-        elif p in ("flags_ptr", "cnt_ptr"):
+        elif p in ("flags_ptr", "cnt_ptr", "tick_ptr"):
             sig[p] = "*i32"
         elif p.endswith("_ptr"):
             sig[p] = "*fp32"
@@ -60,16 +58,16 @@ def signature(consts: dict) -> dict:
     return sig
 
 
-def grpo_consts(chunk: int, phase: int, prefetch: bool, reload: bool) -> dict:
+def grpo_consts(chunk: int, phase: int) -> dict:
     K = -(-V // chunk)
     return dict(V=V, CHUNK=chunk, K=K, KP=1 << (K - 1).bit_length(), PHASE=phase, WRITE_GRAD=True, ON_REF=1,
                 ON_MASK=1, OFF_REF=0, OFF_MASK=0, ON_A1=False, OFF_A1=False, HAS_ADV=True, HAS_OLD=True, DUAL=False,
-                KL_EST=0, KL_ON=False, HAS_ENT=False, PREFETCH=prefetch, RELOAD=reload)
+                KL_EST=0, KL_ON=False, HAS_ENT=False)
 
 
-def registers(chunk: int, warps: int, phase: int, prefetch: bool, reload: bool, arch: int = 90) -> tuple[int, int]:
+def registers(chunk: int, warps: int, phase: int, arch: int = 90) -> tuple[int, int]:
     """(registers per thread, stack bytes) of the compiled kernel."""
-    consts = grpo_consts(chunk, phase, prefetch, reload)
+    consts = grpo_consts(chunk, phase)
     k = triton.compile(ASTSource(lt._fused_kernel, signature(consts), consts), target=GPUTarget("cuda", arch, 32),
                        options=dict(num_warps=warps, num_stages=1))
     return cubin_resources(k)
@@ -91,15 +89,14 @@ def main(argv=None) -> int:
         from bench_logits import TUNE  # noqa: PLC0415
         configs = sorted({(c[0], c[1]) for c in TUNE})
     print(f"# _fused_kernel, GRPO, bf16, V = {V}, sm_{a.arch}, triton {triton.__version__}: registers/thread "
-          "(programs/SM); the one-launch forms report PHASE 0, the two-launch forms max(PHASE 1, PHASE 2)")
-    print(f"{'chunk x warps':>14} " + " ".join(f"{f:>10}" for f in FORMS))
+          "(programs/SM), stack bytes spilled when any; 3: the three-launch form's launches, 1: the one-launch form")
+    print(f"{'chunk x warps':>14} " + " ".join(f"{f:>14}" for f in PHASES))
     for chunk, warps in configs:
         cells = []
-        for form, (one, prefetch, reload) in FORMS.items():
-            phases = (0,) if one else (1, 2)
-            regs = max(registers(chunk, warps, ph, prefetch, reload, a.arch)[0] for ph in phases)
-            cells.append(f"{regs:>5} ({programs_per_sm(regs, warps):>2})")
-        print(f"{chunk:>8} x {warps:>3} " + " ".join(f"{c:>10}" for c in cells), flush=True)
+        for phase in PHASES.values():
+            regs, stack = registers(chunk, warps, phase, a.arch)
+            cells.append(f"{regs:>5} ({programs_per_sm(regs, warps):>2})" + (f" {stack}B" if stack else ""))
+        print(f"{chunk:>8} x {warps:>3} " + " ".join(f"{c:>14}" for c in cells), flush=True)
     return 0
 
 

@@ -40,3 +40,22 @@ def test_pytest_benchmark_suite_json_plots(tmp_path):
     assert {b["extra_info"]["method"] for b in doc["benchmarks"]} == {"fastupg-fused", "eager"}
     from plot_bench import plot
     assert plot(str(out), str(tmp_path / "png"))
+
+
+def test_tune_runs_and_checks_every_form(capsys):
+    """--tune on the CPU: every launch form (three launches, one launch at several lags) runs and agrees with the
+    default form before it may be timed; the sweep leaves SPLIT set to one of them."""
+    import torch
+
+    import bench_logits as bl
+    from fastupg.kernels import _logits_triton as KT
+    saved = dict(KT.SPLIT)
+    try:
+        forms = [(1024, 1, False, 0), (1024, 1, True, 1), (2048, 4, True, 3)]
+        split = bl.tune(bl.Problem(2, 8, 1031, torch.device("cpu")), configs=forms)
+        lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("# tune chunk=")]
+        assert len(lines) == 3 and not any("BAD" in ln for ln in lines), lines
+        assert (split["chunk"], split["warps"], split["one_launch"]) in {f[:3] for f in forms}
+    finally:
+        KT.SPLIT.clear()
+        KT.SPLIT.update(saved)

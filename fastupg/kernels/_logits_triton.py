@@ -5,11 +5,12 @@
   ONE pass writing  dz_j = [ g_l (onehot_j - p_j) - g_H p_j (log p_j + H) ] / T.
 * `_fused_triton` (fused_policy_loss, token-level estimators), no host sync:
     1. `_prep_kernel` (one program): aggregation weights s_t * coef * w_t, row flags, data checks (O(N));
-    2. `_fused_kernel`: each row is split in vocabulary chunks; the programs of a row write partial log-sum-exps to
-       a small workspace, combine them, and write the gradient of their chunk; per-token loss, log-prob, entropy,
-       ratio, KL and clip flags come out of it too. Two launches by default (PHASE 1 stats, PHASE 2 combine +
-       gradient: logits read twice); SPLIT["one_launch"] keeps each chunk in registers across a meeting of the row's
-       programs instead (logits read once), measured slower on an H100 (see SPLIT);
+    2. `_fused_kernel`: each row is split in vocabulary chunks, and the work comes in three parts: stats (a chunk's
+       partial log-sum-exp into a small workspace), row (once per row: combine the partials; per-token loss,
+       log-prob, entropy, ratio, KL and clip flags; the row's gradient coefficients) and gradient (a chunk's
+       gradient, the chunk read again). Three launches by default (logits read twice); SPLIT["one_launch"] does all
+       three in one launch in ticket order, the last stats program of a row doing its row part and each chunk read
+       again from L2 soon after (logits read from HBM once; not yet measured on a GPU: see SPLIT);
     3. `_finalize_kernel` (one program): the loss (float64 sum) and every metric of `fastupg.policy_loss`.
 * `loss_and_grad_rows`: the row-level building block; `RowInputs` its inputs converted once for a caller that
   sweeps the rows in chunks (the chunked fused-linear impl: one kernel launch per chunk, nothing else);
@@ -270,8 +271,9 @@ def _prep_kernel(mask_ptr, off_ptr, w_ptr, s_ptr, scale_ptr, info_ptr, cnt_ptr, 
     """ONE program: the O(N) work before the vocabulary pass, for tokens laid out as R sequences of T.
 
     Writes per token scale_t = s_t * coef_branch * w_t (s_t: the aggregation weight of fastupg.estimator),
-    info_t = counted | offline << 1, zeroes the arrival counters of the main kernel, and the data-check bits
-    (E_MASK ... E_NO_OLD) into err_ptr[0]. Pass 1 counts tokens per sequence and branch, pass 2 writes.
+    info_t = counted | offline << 1, zeroes the counters of the main kernel's one-launch form (arrivals: cnt_ptr;
+    the ticket: err_ptr[1]), and the data-check bits (E_MASK ... E_NO_OLD) into err_ptr[0]. Pass 1 counts tokens
+    per sequence and branch, pass 2 writes.
     """
     cols = tl.arange(0, BLOCK)
     tot_on = tl.zeros((), tl.float32)
@@ -289,6 +291,7 @@ def _prep_kernel(mask_ptr, off_ptr, w_ptr, s_ptr, scale_ptr, info_ptr, cnt_ptr, 
         ne_off += tl.where(c_off > 0, 1.0, 0.0)
         ne_all += tl.where(c_on + c_off > 0, 1.0, 0.0)
     tl.store(err_ptr, tl.reduce(bad, 0, _or))
+    tl.store(err_ptr + 1, 0)
     for r in range(0, R):
         c_on = tl.zeros((), tl.float32)
         c_off = tl.zeros((), tl.float32)
@@ -322,193 +325,240 @@ def _nonfinite(v):
 
 
 @triton.jit
-def _load_chunk(logits_ptr, sb, st, TR, info_ptr, row, N, offs, V, KEEP_IN_L2: tl.constexpr):
-    """This program's chunk of logits of `row` (-inf where masked: rows past N and rows that do not count); with
-    KEEP_IN_L2 the read asks L2 to keep the chunk for a second read soon (else to drop it first)."""
-    ok = row < N
-    r = tl.where(ok, row, 0)
-    info = tl.load(info_ptr + r).to(tl.int32)
-    b = r // TR
-    ptr = logits_ptr + b * sb + (r - b * TR) * st
-    lim = tl.where(ok & ((info & 1) != 0), V, 0)  # (a scalar bound: the interpreter takes no tile & scalar masks)
+def _row_ptr(base_ptr, sb, st, TR, row):
+    """Row `row` of a (B, TR, V) or (N, V) tensor of strides (sb, st, 1) (TR = 1, st = 0 for 2-D)."""
+    b = row // TR
+    return base_ptr + b * sb + (row - b * TR) * st
+
+
+@triton.jit
+def _stats_part(logits_ptr, sb, st, TR, tgt_ptr, ws_ptr, row, c, inv_t,
+                V: tl.constexpr, CHUNK: tl.constexpr, K: tl.constexpr, KEEP_IN_L2: tl.constexpr):
+    """Chunk c of a counted row -> its partials (max, sum exp, sum exp * x) of x = z / T, in the row's workspace
+    slots c * 4 + (0, 1, 2); the chunk holding the target also publishes the target's x (slot 3). KEEP_IN_L2: the
+    read asks L2 to keep the chunk for the gradient part's read soon after (else to drop it first)."""
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    row_ptr = _row_ptr(logits_ptr, sb, st, TR, row)
     if KEEP_IN_L2:
-        x = tl.load(ptr + offs, mask=offs < lim, other=float("-inf"), eviction_policy="evict_last")
+        z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"), eviction_policy="evict_last")
     else:
-        x = tl.load(ptr + offs, mask=offs < lim, other=float("-inf"), eviction_policy="evict_first")
-    return x
+        z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"), eviction_policy="evict_first")
+    x = z.to(tl.float32) * inv_t
+    mc = tl.maximum(tl.max(x, 0), _NEG)
+    e = tl.exp(x - mc)
+    wsr = ws_ptr + row * (K * 4 + 4)
+    tl.store(wsr + c * 4, mc)
+    tl.store(wsr + c * 4 + 1, tl.sum(e, 0))
+    tl.store(wsr + c * 4 + 2, tl.sum(e * tl.where(e > 0, x, 0.0), 0))  # (-inf logits add 0)
+    tgt = tl.minimum(tl.maximum(tl.load(tgt_ptr + row).to(tl.int64), 0), V - 1)
+    if tgt // CHUNK == c:  # (read before anyone writes the gradient in place)
+        tl.store(wsr + 3, tl.load(row_ptr + tgt).to(tl.float32) * inv_t)
 
 
-# N and iters are not specialised (triton compiles a value of 1 in as a constant): one compiled kernel whatever N, so
-# the one-launch form's occupancy, read from the kernel compiled before its first launch, is that of the one launched
-@triton.jit(do_not_specialize=["N", "iters"])
+@triton.jit
+def _row_part(row, counted, is_off, tgt_ptr, adv_ptr, old_ptr, ref_ptr, scale_ptr, ws_ptr,
+              ell_ptr, logp_ptr, ent_ptr, ratio_ptr, kl_ptr, flags_ptr,
+              adv_scalar, eps_low, eps_high, dual_c, gamma, ent_coef, kl_coef,
+              V: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, WRITE_GRAD: tl.constexpr,
+              ON_REF: tl.constexpr, ON_MASK: tl.constexpr, OFF_REF: tl.constexpr, OFF_MASK: tl.constexpr,
+              ON_A1: tl.constexpr, OFF_A1: tl.constexpr, HAS_ADV: tl.constexpr, HAS_OLD: tl.constexpr,
+              DUAL: tl.constexpr, KL_EST: tl.constexpr, KL_ON: tl.constexpr):
+    """Once per row: its K partials -> log-sum-exp, entropy, log-prob and every per-token term; writes the
+    per-token outputs and flags (clip bits 0-2, data-check bits E_LOGITS ... E_TARGET), and for a counted row
+    the gradient part's coefficients (lse, H, c_l = scale * d ell/d l, c_H = scale * ent_coef) in workspace slots
+    K * 4 + (0, 1, 2, 3). A row that does not count gets zero outputs (its flags: the data checks)."""
+    tgt_raw = tl.load(tgt_ptr + row).to(tl.int64)
+    errs = tl.where((tgt_raw < 0) | (tgt_raw >= V), E_TARGET, 0)
+    if HAS_ADV:
+        A = tl.load(adv_ptr + row).to(tl.float32)
+        errs |= tl.where(_nonfinite(A), E_ADV, 0)
+    else:
+        A = adv_scalar
+    if HAS_OLD:
+        old = tl.load(old_ptr + row).to(tl.float32)
+        errs |= tl.where(_nonfinite(old), E_OLD, 0)
+    if KL_EST != 0:
+        rl = tl.load(ref_ptr + row).to(tl.float32)
+        errs |= tl.where(_nonfinite(rl), E_REF, 0)
+    if counted:
+        wsr = ws_ptr + row * (K * 4 + 4)
+        kk = tl.arange(0, KP)
+        # (.cg: from L2, where the one-launch form's other programs published them; L1 is not coherent)
+        pm = tl.load(wsr + kk * 4, mask=kk < K, other=_NEG, cache_modifier=".cg")
+        ps = tl.load(wsr + kk * 4 + 1, mask=kk < K, other=0.0, cache_modifier=".cg")
+        psx = tl.load(wsr + kk * 4 + 2, mask=kk < K, other=0.0, cache_modifier=".cg")
+        xt = tl.load(wsr + 3, cache_modifier=".cg")
+        M = tl.max(pm, 0)
+        wk = tl.exp(pm - M)
+        S = tl.sum(ps * wk, 0)
+        lse = M + tl.log(S)
+        H = lse - tl.sum(psx * wk, 0) / S
+        l = xt - lse
+        if ON_A1:
+            A_on = A * 0.0 + 1.0
+        else:
+            A_on = A
+        if OFF_A1:
+            A_off = A * 0.0 + 1.0
+        else:
+            A_off = A
+        if HAS_OLD:
+            o_on = old
+        else:
+            o_on = l
+        on_loss, on_d, on_lo, on_hi, on_du, on_r = _pg_term(l, A_on, o_on, ON_REF, ON_MASK, eps_low,
+                                                            eps_high, DUAL, dual_c, gamma)
+        off_loss, off_d, off_lo, off_hi, off_du, off_r = _pg_term(l, A_off, l, OFF_REF, OFF_MASK, eps_low,
+                                                                  eps_high, DUAL, dual_c, gamma)
+        ell = tl.where(is_off, off_loss, on_loss)
+        d = tl.where(is_off, off_d, on_d)
+        kl = l * 0.0
+        if KL_EST != 0:
+            delta = rl - l
+            if KL_EST == 1:
+                kl = l - rl
+                dkl = l * 0.0 + 1.0
+            elif KL_EST == 2:
+                kl = 0.5 * delta * delta
+                dkl = l - rl
+            else:
+                kl = tl.exp(delta) - delta - 1.0
+                dkl = 1.0 - tl.exp(delta)
+            if KL_ON:
+                ell += kl_coef * kl
+                d += kl_coef * dkl
+        ell -= ent_coef * H
+        if WRITE_GRAD:
+            scale = tl.load(scale_ptr + row)
+            tl.store(wsr + K * 4, lse)
+            tl.store(wsr + K * 4 + 1, H)
+            tl.store(wsr + K * 4 + 2, scale * d)
+            tl.store(wsr + K * 4 + 3, scale * ent_coef)
+        errs |= tl.where(_nonfinite(lse) | _nonfinite(xt), E_LOGITS, 0)
+        bits = tl.where(is_off, off_lo, on_lo) + 2 * tl.where(is_off, off_hi, on_hi) + \
+            4 * tl.where(is_off, off_du, on_du)
+        tl.store(ell_ptr + row, ell)
+        tl.store(logp_ptr + row, l)
+        tl.store(ent_ptr + row, H)
+        tl.store(ratio_ptr + row, tl.where(is_off, off_r, on_r))
+        tl.store(kl_ptr + row, kl)
+        tl.store(flags_ptr + row, bits.to(tl.int32) | errs)
+    else:
+        tl.store(ell_ptr + row, 0.0)
+        tl.store(logp_ptr + row, 0.0)
+        tl.store(ent_ptr + row, 0.0)
+        tl.store(ratio_ptr + row, 0.0)
+        tl.store(kl_ptr + row, 0.0)
+        tl.store(flags_ptr + row, errs)
+
+
+@triton.jit
+def _grad_part(logits_ptr, sb, st, TR, grad_ptr, gsb, gst, tgt_ptr, ws_ptr, row, c, counted, inv_t,
+               V: tl.constexpr, CHUNK: tl.constexpr, K: tl.constexpr, HAS_ENT: tl.constexpr):
+    """Chunk c of a row's gradient from the coefficients _row_part published: the chunk read again, the gradient
+    written (it may be the logits themselves: each element is read before it is written, by this program)."""
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    valid = offs < V
+    grow = _row_ptr(grad_ptr, gsb, gst, TR, row)
+    if counted:
+        wsr = ws_ptr + row * (K * 4 + 4)
+        lse = tl.load(wsr + K * 4, cache_modifier=".cg")
+        H = tl.load(wsr + K * 4 + 1, cache_modifier=".cg")
+        c_l = tl.load(wsr + K * 4 + 2, cache_modifier=".cg")
+        tgt = tl.minimum(tl.maximum(tl.load(tgt_ptr + row).to(tl.int64), 0), V - 1)
+        row_ptr = _row_ptr(logits_ptr, sb, st, TR, row)
+        x = tl.load(row_ptr + offs, mask=valid, other=float("-inf"),
+                    eviction_policy="evict_first").to(tl.float32) * inv_t
+        p = tl.exp(x - lse)
+        g = -c_l * p
+        if HAS_ENT:
+            c_h = tl.load(wsr + K * 4 + 3, cache_modifier=".cg")
+            g += c_h * p * tl.where(p > 0, x - lse + H, 0.0)
+        g = tl.where(offs == tgt, g + c_l, g) * inv_t
+        tl.store(grow + offs, g.to(grad_ptr.dtype.element_ty), mask=valid, eviction_policy="evict_first")
+    else:
+        tl.store(grow + offs, tl.zeros((CHUNK,), tl.float32).to(grad_ptr.dtype.element_ty), mask=valid)
+
+
+# N and lag are not specialised (triton compiles a value of 1 in as a constant): one compiled kernel whatever N
+@triton.jit(do_not_specialize=["N", "lag"])
 def _fused_kernel(logits_ptr, sb, st, TR, grad_ptr, gsb, gst,
                   tgt_ptr, adv_ptr, old_ptr, ref_ptr, scale_ptr, info_ptr,
                   ell_ptr, logp_ptr, ent_ptr, ratio_ptr, kl_ptr, flags_ptr,
-                  ws_ptr, cnt_ptr, N, iters,
+                  ws_ptr, cnt_ptr, tick_ptr, N, lag,
                   inv_t, adv_scalar, eps_low, eps_high, dual_c, gamma, ent_coef, kl_coef,
                   V: tl.constexpr, CHUNK: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, PHASE: tl.constexpr,
                   WRITE_GRAD: tl.constexpr,
                   ON_REF: tl.constexpr, ON_MASK: tl.constexpr, OFF_REF: tl.constexpr, OFF_MASK: tl.constexpr,
                   ON_A1: tl.constexpr, OFF_A1: tl.constexpr, HAS_ADV: tl.constexpr, HAS_OLD: tl.constexpr,
-                  DUAL: tl.constexpr, KL_EST: tl.constexpr, KL_ON: tl.constexpr, HAS_ENT: tl.constexpr,
-                  PREFETCH: tl.constexpr, RELOAD: tl.constexpr):
-    """Loss, log-prob, entropy, metrics inputs AND the logits gradient of every token, each row read ONCE.
+                  DUAL: tl.constexpr, KL_EST: tl.constexpr, KL_ON: tl.constexpr, HAS_ENT: tl.constexpr):
+    """Loss, log-prob, entropy, metrics inputs AND the logits gradient of every token. Each row is split in K
+    vocabulary chunks of CHUNK logits; work item t is chunk t % K of row t // K. Three parts (module docstring):
+    stats (a chunk's partial log-sum-exp), row (once per row: combine the partials, every per-token term and
+    output), gradient (a chunk's gradient).
 
-    Row split: program pid always handles vocabulary chunk c = pid % K (CHUNK logits, held in registers) of rows
-    pid // K, + G, + 2G, ... (G = programs / K). PHASE 0 (compiled GPU code): each program writes its chunk's
-    (max, sum exp, sum exp * x) to the workspace, the K programs of a row meet at an arrival counter (all of them
-    are resident: the grid is sized to the GPU, see _launch_rows), combine the K partials into the row's
-    log-sum-exp and entropy, and write the gradient of their chunk from registers: logits read once, gradient
-    written once. PHASE 1 + PHASE 2 (two launches; the CPU interpreter runs programs one after the other, so a
-    program may not wait for another): stats, then combine + gradient with the chunk read again.
-    Rows with info_t & 1 == 0 (masked) get a zero gradient without reading their logits. Chunk-0 programs write
-    the per-token outputs and flags (clip bits 0-2, data-check bits E_LOGITS ... E_TARGET) of every row.
-    PREFETCH: the next row's chunk is loaded while this row is worked on (more bytes in flight per program, more
-    registers). RELOAD (PHASE 0): the chunk is read again after the meeting instead of being held in registers
-    across it; its first read asks L2 to keep it (evict_last), so the second read is served from L2 and the logits
-    still cross HBM once, while the registers the held chunk took are free for more programs per SM.
+    PHASE 1 / 2 / 3, three launches (logits read twice): stats of item pid; row pid; gradient of item pid.
+    PHASE 0, one launch (logits read from HBM once): program = ticket t taken from a counter, so every lower ticket
+    is already running. It does the stats of item t; the last of a row's K stats programs to arrive at the row's
+    counter does the row part and marks the row ready (counter K + 1); then the program does the gradient of item
+    t - lag * K (same chunk, row `lag` rows back), once that row is ready: lag >= 1 means every stats program of
+    that row holds a lower ticket and waits for nothing, so the wait always ends. Between the two reads of a chunk
+    pass about lag rows' worth of other reads, so with a small lag the second read is served from L2 (the first
+    asks L2 to keep the chunk). Runs under the CPU interpreter too (programs in ticket order: no wait ever spins).
+    Rows with info & 1 == 0 (masked) are never read: zero gradient, zero outputs.
     """
     pid = tl.program_id(0)
-    G = tl.num_programs(0) // K
-    c = pid % K
-    offs = c * CHUNK + tl.arange(0, CHUNK)
-    valid = offs < V
-    kk = tl.arange(0, KP)
-    row0 = pid // K + tl.zeros((), tl.int64)  # 64-bit offsets: N x V may exceed 2^31
-    if PREFETCH:
-        xq = _load_chunk(logits_ptr, sb, st, TR, info_ptr, row0, N, offs, V, RELOAD)
-    for it in range(0, iters):
-        row = row0 + it * G
-        if PREFETCH:
-            # the next row's chunk is in flight while this row's partials are combined and its gradient written
-            # (no hazard in place: nobody writes that row before this program has arrived at its counter)
-            xq_next = _load_chunk(logits_ptr, sb, st, TR, info_ptr, row + G, N, offs, V, RELOAD)
+    if PHASE == 2:
+        row = pid + tl.zeros((), tl.int64)
+        info = tl.load(info_ptr + row).to(tl.int32)
+        _row_part(row, (info & 1) != 0, (info & 2) != 0, tgt_ptr, adv_ptr, old_ptr, ref_ptr, scale_ptr, ws_ptr,
+                  ell_ptr, logp_ptr, ent_ptr, ratio_ptr, kl_ptr, flags_ptr,
+                  adv_scalar, eps_low, eps_high, dual_c, gamma, ent_coef, kl_coef,
+                  V, K, KP, WRITE_GRAD, ON_REF, ON_MASK, OFF_REF, OFF_MASK, ON_A1, OFF_A1, HAS_ADV, HAS_OLD,
+                  DUAL, KL_EST, KL_ON)
+    else:
+        if PHASE == 0:
+            t = tl.atomic_add(tick_ptr, 1, sem="relaxed", scope="gpu") + tl.zeros((), tl.int64)  # (orders work, not data)
         else:
-            xq = _load_chunk(logits_ptr, sb, st, TR, info_ptr, row, N, offs, V, RELOAD)
-        if row < N:
-            info = tl.load(info_ptr + row).to(tl.int32)
-            b = row // TR
-            tt = row - b * TR
-            row_ptr = logits_ptr + b * sb + tt * st
-            grow = grad_ptr + b * gsb + tt * gst
-            tgt_raw = tl.load(tgt_ptr + row).to(tl.int64)
-            tgt = tl.minimum(tl.maximum(tgt_raw, 0), V - 1)
-            wsr = ws_ptr + row * (K * 4)
-            errs = tl.where((tgt_raw < 0) | (tgt_raw >= V), E_TARGET, 0)
-            if HAS_ADV:
-                A = tl.load(adv_ptr + row).to(tl.float32)
-                errs |= tl.where(_nonfinite(A), E_ADV, 0)
-            else:
-                A = adv_scalar
-            if HAS_OLD:
-                old = tl.load(old_ptr + row).to(tl.float32)
-                errs |= tl.where(_nonfinite(old), E_OLD, 0)
-            if KL_EST != 0:
-                rl = tl.load(ref_ptr + row).to(tl.float32)
-                errs |= tl.where(_nonfinite(rl), E_REF, 0)
-            if (info & 1) != 0:
-                is_off = (info & 2) != 0
-                if PHASE != 2:
-                    x = xq.to(tl.float32) * inv_t
-                    mc = tl.maximum(tl.max(x, 0), _NEG)
-                    e = tl.exp(x - mc)
-                    tl.store(wsr + c * 4, mc)
-                    tl.store(wsr + c * 4 + 1, tl.sum(e, 0))
-                    tl.store(wsr + c * 4 + 2, tl.sum(e * tl.where(e > 0, x, 0.0), 0))  # (-inf logits add 0)
-                    if tgt // CHUNK == c:  # the target's owner publishes its logit (read before anyone writes)
-                        tl.store(wsr + 3, tl.load(row_ptr + tgt).to(tl.float32) * inv_t)
-                if PHASE == 0:
-                    tl.debug_barrier()  # every thread's partial stores precede the (gpu-scope release) arrival
-                    n = tl.atomic_add(cnt_ptr + row, 1, sem="acq_rel", scope="gpu") + 1
-                    while n < K:
-                        n = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
-                if PHASE != 1:
-                    pm = tl.load(wsr + kk * 4, mask=kk < K, other=_NEG, cache_modifier=".cg")
-                    ps = tl.load(wsr + kk * 4 + 1, mask=kk < K, other=0.0, cache_modifier=".cg")
-                    psx = tl.load(wsr + kk * 4 + 2, mask=kk < K, other=0.0, cache_modifier=".cg")
-                    xt = tl.load(wsr + 3, cache_modifier=".cg")
-                    M = tl.max(pm, 0)
-                    wk = tl.exp(pm - M)
-                    S = tl.sum(ps * wk, 0)
-                    lse = M + tl.log(S)
-                    H = lse - tl.sum(psx * wk, 0) / S
-                    l = xt - lse
-                    if ON_A1:
-                        A_on = A * 0.0 + 1.0
-                    else:
-                        A_on = A
-                    if OFF_A1:
-                        A_off = A * 0.0 + 1.0
-                    else:
-                        A_off = A
-                    if HAS_OLD:
-                        o_on = old
-                    else:
-                        o_on = l
-                    on_loss, on_d, on_lo, on_hi, on_du, on_r = _pg_term(l, A_on, o_on, ON_REF, ON_MASK, eps_low,
-                                                                        eps_high, DUAL, dual_c, gamma)
-                    off_loss, off_d, off_lo, off_hi, off_du, off_r = _pg_term(l, A_off, l, OFF_REF, OFF_MASK, eps_low,
-                                                                              eps_high, DUAL, dual_c, gamma)
-                    ell = tl.where(is_off, off_loss, on_loss)
-                    d = tl.where(is_off, off_d, on_d)
-                    kl = l * 0.0
-                    if KL_EST != 0:
-                        delta = rl - l
-                        if KL_EST == 1:
-                            kl = l - rl
-                            dkl = l * 0.0 + 1.0
-                        elif KL_EST == 2:
-                            kl = 0.5 * delta * delta
-                            dkl = l - rl
-                        else:
-                            kl = tl.exp(delta) - delta - 1.0
-                            dkl = 1.0 - tl.exp(delta)
-                        if KL_ON:
-                            ell += kl_coef * kl
-                            d += kl_coef * dkl
-                    ell -= ent_coef * H
-                    if WRITE_GRAD:
-                        scale = tl.load(scale_ptr + row)
-                        c_l = scale * d
-                        # x again from the chunk's raw values (held in their 2-byte dtype across the meeting point:
-                        # fp32 copies held there would halve the programs that fit on an SM); `+ 0 * M` keeps the
-                        # compiler from reusing (and so keeping alive) the first pass's fp32 values
-                        if RELOAD:
-                            x2 = tl.load(row_ptr + offs, mask=valid, other=float("-inf"),
-                                         eviction_policy="evict_first").to(tl.float32) * inv_t
-                        else:
-                            x2 = xq.to(tl.float32) * (inv_t + 0.0 * M)
-                        p = tl.exp(x2 - lse)
-                        g = -c_l * p
-                        if HAS_ENT:
-                            g += scale * ent_coef * p * tl.where(p > 0, x2 - lse + H, 0.0)
-                        g = tl.where(offs == tgt, g + c_l, g) * inv_t
-                        tl.store(grow + offs, g.to(grad_ptr.dtype.element_ty), mask=valid,
-                                 eviction_policy="evict_first")
+            t = pid + tl.zeros((), tl.int64)  # 64-bit offsets: N x V may exceed 2^31
+        c = t % K
+        row = t // K
+        if PHASE != 3:
+            if row < N:
+                info = tl.load(info_ptr + row).to(tl.int32)
+                if (info & 1) != 0:
+                    _stats_part(logits_ptr, sb, st, TR, tgt_ptr, ws_ptr, row, c, inv_t, V, CHUNK, K,
+                                PHASE == 0 and WRITE_GRAD)
+                    if PHASE == 0:
+                        tl.debug_barrier()  # every thread's partial stores precede the (gpu-scope release) arrival
+                        n = tl.atomic_add(cnt_ptr + row, 1, sem="acq_rel", scope="gpu") + 1
+                        if n == K:  # the last to arrive: every partial of the row is visible (acquire)
+                            _row_part(row, True, (info & 2) != 0, tgt_ptr, adv_ptr, old_ptr, ref_ptr, scale_ptr,
+                                      ws_ptr, ell_ptr, logp_ptr, ent_ptr, ratio_ptr, kl_ptr, flags_ptr,
+                                      adv_scalar, eps_low, eps_high, dual_c, gamma, ent_coef, kl_coef,
+                                      V, K, KP, WRITE_GRAD, ON_REF, ON_MASK, OFF_REF, OFF_MASK, ON_A1, OFF_A1,
+                                      HAS_ADV, HAS_OLD, DUAL, KL_EST, KL_ON)
+                            tl.debug_barrier()
+                            tl.atomic_add(cnt_ptr + row, 1, sem="release", scope="gpu")  # ready: K + 1
+                elif PHASE == 0:
                     if c == 0:
-                        errs |= tl.where(_nonfinite(lse) | _nonfinite(xt), E_LOGITS, 0)
-                        bits = tl.where(is_off, off_lo, on_lo) + 2 * tl.where(is_off, off_hi, on_hi) + \
-                            4 * tl.where(is_off, off_du, on_du)
-                        tl.store(ell_ptr + row, ell)
-                        tl.store(logp_ptr + row, l)
-                        tl.store(ent_ptr + row, H)
-                        tl.store(ratio_ptr + row, tl.where(is_off, off_r, on_r))
-                        tl.store(kl_ptr + row, kl)
-                        tl.store(flags_ptr + row, bits.to(tl.int32) | errs)
-            else:
-                if PHASE != 1:
-                    if WRITE_GRAD:
-                        tl.store(grow + offs, tl.zeros((CHUNK,), tl.float32).to(grad_ptr.dtype.element_ty),
-                                 mask=valid)
-                    if c == 0:
-                        tl.store(ell_ptr + row, 0.0)
-                        tl.store(logp_ptr + row, 0.0)
-                        tl.store(ent_ptr + row, 0.0)
-                        tl.store(ratio_ptr + row, 0.0)
-                        tl.store(kl_ptr + row, 0.0)
-                        tl.store(flags_ptr + row, errs)
-        if PREFETCH:
-            xq = xq_next
+                        _row_part(row, False, False, tgt_ptr, adv_ptr, old_ptr, ref_ptr, scale_ptr, ws_ptr,
+                                  ell_ptr, logp_ptr, ent_ptr, ratio_ptr, kl_ptr, flags_ptr,
+                                  adv_scalar, eps_low, eps_high, dual_c, gamma, ent_coef, kl_coef,
+                                  V, K, KP, WRITE_GRAD, ON_REF, ON_MASK, OFF_REF, OFF_MASK, ON_A1, OFF_A1,
+                                  HAS_ADV, HAS_OLD, DUAL, KL_EST, KL_ON)
+        if PHASE != 1:
+            if WRITE_GRAD:
+                rb = row - lag
+                if (rb >= 0) & (rb < N):
+                    counted = (tl.load(info_ptr + rb).to(tl.int32) & 1) != 0
+                    if PHASE == 0:
+                        if counted:
+                            n = tl.atomic_add(cnt_ptr + rb, 0, sem="acquire", scope="gpu")
+                            while n <= K:
+                                n = tl.atomic_add(cnt_ptr + rb, 0, sem="acquire", scope="gpu")
+                    _grad_part(logits_ptr, sb, st, TR, grad_ptr, gsb, gst, tgt_ptr, ws_ptr, rb, c, counted, inv_t,
+                               V, CHUNK, K, HAS_ENT)
 
 
 @triton.jit
@@ -586,24 +636,18 @@ def _rescale_kernel(buf_ptr, sb, st, TR, N, g_ptr, V: tl.constexpr, BLOCK: tl.co
 # ------------------------------------------------------------------------------------------------------------------
 # launch geometry
 # ------------------------------------------------------------------------------------------------------------------
-# The fused kernel: vocabulary chunk per program, warps per program, and one launch (PHASE 0: logits read once, the
-# programs of a row meet through the workspace) or two (PHASE 1 + 2: logits read twice, no meeting). Measured on an
-# H100 (benchmarks/RESULTS.md, `bench_logits.py --tune`): the one-launch form needs 127-252 registers per thread, so
-# only 1-9 programs fit on an SM, too few bytes in flight to hide the meeting; it took 3.6-6.0 ms at 8k tokens
-# against 2.84 ms for two launches of 1024-logit chunks with one warp. So two launches are the default; one_launch=True
-# stays available (checked on the GPU by check_cuda.py). FASTUPG_LOGITS_SPLIT="chunk,warps" overrides chunk/warps.
-# prefetch (every phase): load the next row's chunk while working on this one (the measured configurations above).
-# reload (one launch only, 2026-12-06, NOT YET MEASURED on a GPU): read the chunk again from L2 after the meeting
-# instead of holding it in registers; compiled for sm_90 with triton 3.6 (benchmarks/compile_logits.py) it takes 64
-# registers instead of 108-120 at 1024 x 2 and 2048 x 4, twice the programs per SM (see RESULTS.md).
-SPLIT = dict(chunk=1024, warps=1, one_launch=False, prefetch=True, reload=False)
-_OCCUPANCY: dict = {}  # compiled-kernel key -> programs per SM that fit at once (from its registers/shared memory)
-LAST_LAUNCH: dict = {}  # {"form": "one" | "two"}: the form the last _launch_rows ran (check_cuda.py reads it)
-KERNEL_INFO: dict = {}  # _info_key -> (registers per thread, spills, programs per SM): printed by the benchmark
-
-
-def _info_key(chunk: int, warps: int) -> tuple:
-    return chunk, warps, bool(SPLIT["prefetch"]), bool(SPLIT["reload"])
+# The fused kernel: vocabulary chunk per program, warps per program, and one launch (PHASE 0, logits read from HBM
+# once) or three (PHASE 1 stats, 2 row, 3 gradient: logits read twice). Measured on an H100 (benchmarks/RESULTS.md,
+# `bench_logits.py --tune`, 2026-11-25): two launches of 1024-logit chunks with one warp, 2.84 ms at 8k tokens, were
+# the fastest; that two-launch form combined the row's K partials in every gradient program (K x 12 bytes read per
+# program, about as many bytes as its chunk), which the row launch (PHASE 2) now does once per row; and the
+# one-launch form of then (each chunk held in registers across a meeting of the row's co-resident programs,
+# 3.6-6.0 ms) is replaced by the ticket-ordered one (PHASE 0, see _fused_kernel). Neither change is measured on a GPU
+# yet: the default stays the separate launches, at the chunk and warps measured fastest. lag (one launch): rows
+# between a chunk's two reads, >= 1 (bench_logits.py --tune sweeps forms and lags).
+# FASTUPG_LOGITS_SPLIT="chunk,warps" overrides chunk/warps.
+SPLIT = dict(chunk=1024, warps=1, one_launch=False, lag=32)
+LAST_LAUNCH: dict = {}  # {"form": "one" | "three"}: the form the last _launch_rows ran (check_cuda.py reads it)
 
 
 def _split_config(V: int, block_v: int | None) -> tuple[int, int]:
@@ -626,35 +670,8 @@ def _sm_count(dev: torch.device) -> int:
     return _N_SM[dev.index]
 
 
-def _single_launch_ok(dev: torch.device) -> bool:
-    """The one-launch (PHASE 0) kernel needs every program of a row resident at once: compiled CUDA code only."""
-    return dev.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1" and SPLIT["one_launch"] and \
-        os.environ.get("FASTUPG_LOGITS_TWO_PASS", "0") != "1"
-
-
-def _programs_per_sm(compiled, warps: int) -> int:
-    """Blocks of this compiled kernel that fit on one SM at once (registers, shared memory, threads)."""
-    from triton.runtime import driver  # noqa: PLC0415
-    props = driver.active.utils.get_device_properties(torch.cuda.current_device())
-    regs_warp = -(-compiled.n_regs * 32 // 256) * 256  # registers are allocated per warp in units of 256
-    by_regs = props["max_num_regs"] // (regs_warp * warps)
-    by_smem = props["max_shared_mem"] // max(compiled.metadata.shared + 1024, 1)
-    return max(1, min(by_regs, by_smem, 2048 // (32 * warps), 32))
-
-
-def _one_launch_occupancy(largs, meta, chunk: int, warps: int) -> int:
-    """Programs of the one-launch kernel that fit on an SM at once, from its compiled resources, BEFORE its first
-    launch (compiled, not run: a grid larger than what fits would wait forever at the meeting). Without a resource
-    report: 1 (always resident; then a row of more chunks than SMs takes the two-launch form)."""
-    try:
-        ck = _fused_kernel.warmup(*largs, grid=(1,), PHASE=0, **meta)
-        ck._init_handles()  # (loads the module: fills n_regs / n_spills)
-        n = _programs_per_sm(ck, warps)
-        KERNEL_INFO[_info_key(chunk, warps)] = (ck.n_regs, ck.n_spills, n)
-        return n
-    except Exception as e:  # noqa: BLE001
-        KERNEL_INFO[_info_key(chunk, warps)] = f"no resource report ({type(e).__name__}: {e}); 1 program per SM"
-        return 1
+def _one_launch() -> bool:
+    return bool(SPLIT["one_launch"])
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -668,19 +685,21 @@ def _codes(b, default_ref="policy"):
 
 def _ws_numel(N: int, V: int, block_v: int | None) -> int:
     chunk, _ = _split_config(V, block_v)
-    return max(N, 1) * (-(-V // chunk)) * 4
+    return max(N, 1) * ((-(-V // chunk)) * 4 + 4)
 
 
 def _workspace(N: int, V: int, block_v: int | None, device) -> torch.Tensor:
-    """The fused kernel's per-row partials (4 floats per vocabulary chunk): reusable across launches of <= N rows
-    on one stream (each launch rewrites what it reads before reading it)."""
+    """The fused kernel's per-row scratch (4 floats per vocabulary chunk: its partials, the target's x in slot 3;
+    then 4 for the row's gradient coefficients): reusable across launches of <= N rows on one stream (each launch
+    writes what it reads before reading it)."""
     return torch.empty(_ws_numel(N, V, block_v), dtype=torch.float32, device=device)
 
 
 def _launch_rows(z, sb, st, TR, grad, gsb, gst, tgt, N, V, est, *, adv, adv_scalar, old, ref, scale, info,
-                 temperature, write_grad, a_one, block_v, arrivals=None, out=None, ws=None):
+                 temperature, write_grad, a_one, block_v, arrivals=None, ticket=None, out=None, ws=None):
     """The main kernel over N rows: returns per-token (ell, logp, ent, ratio, kl, flags), written into `out` (six
-    (N,) tensors, views allowed) when given; `ws` a _workspace of >= N rows when given (else allocated)."""
+    (N,) tensors, views allowed) when given; `ws` a _workspace of >= N rows when given (else allocated);
+    `arrivals` (N,) and `ticket` (1,), zeroed int32, the one-launch form's counters when given (else allocated)."""
     dev = z.device
     chunk, warps = _split_config(V, block_v)
     K = -(-V // chunk)
@@ -697,34 +716,27 @@ def _launch_rows(z, sb, st, TR, grad, gsb, gst, tgt, N, V, est, *, adv, adv_scal
     meta = dict(V=V, CHUNK=chunk, K=K, KP=_pow2(K), WRITE_GRAD=write_grad,
                 ON_REF=on_ref, ON_MASK=on_mask, OFF_REF=off_ref, OFF_MASK=off_mask, ON_A1=a_one[0], OFF_A1=a_one[1],
                 HAS_ADV=adv is not None, HAS_OLD=old is not None, DUAL=est.dual_clip is not None, KL_EST=kl_est,
-                KL_ON=est.kl_coef != 0, HAS_ENT=est.entropy_coef != 0, PREFETCH=bool(SPLIT["prefetch"]),
-                RELOAD=bool(SPLIT["reload"]) and _single_launch_ok(dev), num_warps=warps)
+                KL_ON=est.kl_coef != 0, HAS_ENT=est.entropy_coef != 0, num_warps=warps)
     dummy = scale
     args = [z, sb, st, TR, grad if write_grad else z, gsb, gst, tgt,
             adv if adv is not None else dummy, old if old is not None else dummy, ref if ref is not None else dummy,
             scale, info, ell, logp, ent, ratio, kl, flags, ws]
     scal = [1.0 / temperature, float(adv_scalar), float(est.eps_low), float(est.eps_high),
             float(est.dual_clip or 0.0), float(est.gamma), float(est.entropy_coef), float(est.kl_coef)]
-    if _single_launch_ok(dev):
-        # every argument's dtype is in the key (each combination is its own compiled kernel, with its own registers)
-        key = (dev.index, tuple(a.dtype for a in args if isinstance(a, torch.Tensor)), tuple(sorted(meta.items())))
-        cnt = arrivals if arrivals is not None else torch.zeros(N, dtype=torch.int32, device=dev)
-        head = (*args[:-1], ws, cnt, N)
-        if key not in _OCCUPANCY:
-            _OCCUPANCY[key] = _one_launch_occupancy((*head, 2, *scal), meta, chunk, warps)
-        # rows in flight: every program must be resident at once (the meeting would wait forever otherwise). One
-        # program per SM is held back: a kernel specialised for other pointer alignments may take a few registers more
-        G = min((_sm_count(dev) * max(1, _OCCUPANCY[key] - 1)) // K, N)
-        if G >= 1:
-            _fused_kernel[(G * K,)](*head, -(-N // G), *scal, PHASE=0, **meta)
-            LAST_LAUNCH["form"] = "one"
-            return ell, logp, ent, ratio, kl, flags
-    G = N if dev.type == "cuda" else min(N, 64)  # (no co-residency needed: one program per chunk on a GPU)
-    cnt = torch.empty(1, dtype=torch.int32, device=dev)  # (unused by PHASE 1/2)
-    meta["RELOAD"] = False  # (PHASE 2 reads the chunk anew anyway)
-    for phase in (1, 2):
-        _fused_kernel[(G * K,)](*args[:-1], ws, cnt, N, -(-N // G), *scal, PHASE=phase, **meta)
-    LAST_LAUNCH["form"] = "two"
+    if _one_launch():
+        lag = int(SPLIT["lag"]) if write_grad else 0
+        if write_grad and lag < 1:
+            raise ValueError(f"SPLIT['lag'] must be >= 1 (got {lag}): with 0 a program could wait for itself")
+        if arrivals is None or ticket is None:
+            cnt = torch.zeros(N + 1, dtype=torch.int32, device=dev)
+            arrivals, ticket = cnt[:N], cnt[N:]
+        _fused_kernel[((N + lag) * K,)](*args, arrivals, ticket, N, lag, *scal, PHASE=0, **meta)
+        LAST_LAUNCH["form"] = "one"
+        return ell, logp, ent, ratio, kl, flags
+    for phase, grid in ((1, N * K), (2, N), (3, N * K)):
+        if phase < 3 or write_grad:
+            _fused_kernel[(grid,)](*args, ws, ws, N, 0, *scal, PHASE=phase, **meta)  # (no counters: ws as dummy)
+    LAST_LAUNCH["form"] = "three"
     return ell, logp, ent, ratio, kl, flags
 
 
@@ -782,8 +794,7 @@ class RowInputs:
         self.ell, self.logp, self.ent, self.ratio, self.kl = tok.unbind(0)
         self.flags = torch.empty(M, dtype=torch.int32, device=device)
         self._ws = None
-        # the one-launch form's arrival counters, zeroed once (each row's programs meet once)
-        self._arrivals = torch.zeros(M, dtype=torch.int32, device=device) if _single_launch_ok(device) else None
+        self._counters = None  # the one-launch form's: M arrival counters, then a ticket counter per launch
 
     def launch(self, z: torch.Tensor, r0: int, r1: int, grad: torch.Tensor, temperature: float,
                block_v: int | None = None) -> None:
@@ -796,10 +807,20 @@ class RowInputs:
         s = slice(r0, r1)
         c = (lambda v: None if v is None else v[s])  # noqa: E731
         out = (self.ell[s], self.logp[s], self.ent[s], self.ratio[s], self.kl[s], self.flags[s])
+        arrivals = ticket = None
+        if _one_launch():
+            if self._counters is None:  # zeroed once: the launches cover disjoint rows, and r0 names the ticket
+                self._counters = torch.zeros(2 * self.M, dtype=torch.int32, device=z.device)
+                self._next_row = 0
+            if r0 < self._next_row:  # a row's counter already past K: its row part would never run again
+                raise RuntimeError(f"RowInputs.launch: rows [{r0}, {r1}) were launched before (the one-launch "
+                                   "form's counters serve each row once): make a new RowInputs")
+            self._next_row = r1
+            arrivals, ticket = self._counters[s], self._counters[self.M + r0:self.M + r0 + 1]
         _launch_rows(z, z.stride(0), 0, 1, grad, grad.stride(0), 0, self.tgt[s], n, V, self.est, adv=c(self.adv),
                      adv_scalar=1.0, old=c(self.old), ref=c(self.ref), scale=self.scale[s], info=self.info[s],
                      temperature=temperature, write_grad=True, a_one=(False, False), block_v=block_v, out=out,
-                     ws=self._ws, arrivals=None if self._arrivals is None else self._arrivals[s])
+                     ws=self._ws, arrivals=arrivals, ticket=ticket)
 
     def nonfinite_check(self):
         """(bad, message) for raise_failed_checks: a row that counts has non-finite logits (no host sync here)."""
@@ -920,8 +941,8 @@ def _fused_triton(logits, targets, est: Estimator, a: dict, temperature: float, 
     f32 = dict(dtype=torch.float32, device=dev)
     scale = torch.empty(N, **f32)
     info = torch.empty(N, dtype=torch.int8, device=dev)
-    cnt_err = torch.empty(N + 1, dtype=torch.int32, device=dev)
-    err = cnt_err[N:]
+    cnt_err = torch.empty(N + 2, dtype=torch.int32, device=dev)  # arrival counters, data-check bits, ticket
+    err = cnt_err[N:N + 1]
     out = torch.empty(11, **f32)
     mode = agg or est.agg
     two_d = targets.dim() == 2
@@ -951,7 +972,8 @@ def _fused_triton(logits, targets, est: Estimator, a: dict, temperature: float, 
     ell, logp, ent, ratio, kl, flags = _launch_rows(
         z, sb, st, TR, grad, gsb, gst, a["targets"], N, V, est, adv=adv if isinstance(adv, torch.Tensor) else None,
         adv_scalar=adv if isinstance(adv, float) else 1.0, old=a["old"], ref=a["ref"], scale=scale, info=info,
-        temperature=temperature, write_grad=need_grad, a_one=(on1, off1), block_v=block_v, arrivals=cnt_err[:N])
+        temperature=temperature, write_grad=need_grad, a_one=(on1, off1), block_v=block_v, arrivals=cnt_err[:N],
+        ticket=cnt_err[N + 1:])
     loss = torch.empty((), **f32)
     _finalize_kernel[(1,)](info, scale, ell, ent, ratio, kl, flags, out, loss, err, N,
                            USES_RATIO=has_on and est.online.ref != "policy", HAS_REF=a["ref"] is not None,

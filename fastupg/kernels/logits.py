@@ -27,13 +27,13 @@ from fastupg.kernels._logits_checks import (_USED_AFTER, CHECK_MODES, _check_log
                                             _mark_overwritten, _prepare_args, _refuse_leaf, _refuse_overwritten,
                                             _refuse_view, _submit_checks, advantage_rule, check_mask_values,
                                             effective_advantages, raise_deferred_checks, resolve_estimator)
-from fastupg.kernels._logits_triton import (FEW_ROWS, KERNEL_INFO, LAUNCH, LAUNCH_FEW_ROWS, METRIC_KEYS, SPLIT,
+from fastupg.kernels._logits_triton import (FEW_ROWS, LAUNCH, LAUNCH_FEW_ROWS, METRIC_KEYS, SPLIT,
                                             _fused_triton, _TokenLogprobs, loss_and_grad_rows, rescale_rows)
 
 __all__ = ["token_logprobs", "fused_policy_loss", "raise_deferred_checks", "loss_and_grad_rows", "use_triton",
            # moved to _logits_checks.py / _logits_triton.py, still importable from here
            "CHECK_MODES", "resolve_estimator", "advantage_rule", "effective_advantages", "check_mask_values",
-           "LAUNCH", "LAUNCH_FEW_ROWS", "FEW_ROWS", "SPLIT", "KERNEL_INFO", "METRIC_KEYS"]
+           "LAUNCH", "LAUNCH_FEW_ROWS", "FEW_ROWS", "SPLIT", "METRIC_KEYS"]
 
 
 def use_triton(t: torch.Tensor) -> bool:

@@ -110,6 +110,22 @@ def test_every_preset_chunked_fp32(preset, one_pass):
             assert abs(float(got[1][k]) - float(ref[1][k])) <= 1.0 / 48
 
 
+@pytest.mark.parametrize("preset", ["grpo", "hpt", "sft"])
+def test_chunked_with_the_one_launch_loss_kernel(preset, monkeypatch):
+    """The fused loss kernel's one-launch form inside the chunked impl: one launch per chunk, the chunks' arrival
+    counters and tickets zeroed once per call (each launch its own rows and ticket), bf16 and fp32."""
+    from fastupg.kernels import _logits_triton as KT
+    monkeypatch.setitem(KT.SPLIT, "one_launch", True)
+    monkeypatch.setitem(KT.SPLIT, "lag", 2)
+    case = _case(preset, seed=5, entropy_coef=0.02)
+    _check(_run(*case, impl="chunked", dtype=torch.float32, chunk_bytes=4 * V * 16), _reference(*case), 1e-5)
+    est, h, w, b, tgt, kw = case
+    h, w, b = (t.to(torch.bfloat16).double() for t in (h, w, b))
+    got = _run(est, h, w, b, tgt, kw, impl="chunked", dtype=torch.bfloat16, chunk_bytes=(4 + 2 * 3) * V * 8)
+    _check(got, _reference(est, h, w, b, tgt, kw), 2e-2)
+    assert KT.LAST_LAUNCH["form"] == "one"
+
+
 @pytest.mark.parametrize("preset,ent", [("grpo", 0.0), ("hpt", 0.05), ("gspo", 0.0), ("sft", 0.02)])
 def test_triton_fp32(preset, ent):
     case = _case(preset, D=40, seed=7, entropy_coef=ent)

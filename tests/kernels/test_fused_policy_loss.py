@@ -89,16 +89,50 @@ def test_every_preset_fp32(name):
         assert 0 < met["clip_ratio/low"] + met["clip_ratio/high"] < 1  # some sequences clipped, some not
 
 
-@pytest.mark.parametrize("name", ["grpo", "luffy", "hpt"])
-def test_without_prefetch(name, monkeypatch):
-    """SPLIT["prefetch"] = False (a launch form the GPU tuning sweeps: the chunk is loaded at the top of each row
-    instead of one row ahead): same results. (The one-launch forms, reload included, need a GPU: check_cuda.py.)"""
+@pytest.mark.parametrize("name", TOKEN_PRESETS)
+@pytest.mark.parametrize("lag", [1, 3])
+def test_one_launch_form(name, lag, monkeypatch):
+    """SPLIT["one_launch"]: stats, row and gradient parts in ONE launch, in ticket order, the gradient of a chunk
+    `lag` rows behind its stats (the form that reads the logits from HBM once on a GPU): same results as float64,
+    in place too, with masked rows, an entropy bonus and a KL term, and it is the form that ran. (The interpreter
+    runs programs in ticket order, so no wait spins here; check_cuda.py runs it compiled.)"""
     from fastupg.kernels import _logits_triton as KT
-    monkeypatch.setitem(KT.SPLIT, "prefetch", False)
-    monkeypatch.setitem(KT.SPLIT, "reload", True)  # (honoured by the one-launch form only: a no-op here)
+    monkeypatch.setitem(KT.SPLIT, "one_launch", True)
+    monkeypatch.setitem(KT.SPLIT, "lag", lag)
     est, logits, targets, kw = _batch(name, entropy_coef=0.01, kl_coef=0.05, seed=4)
+    KT.LAST_LAUNCH.clear()
     _check(est, logits, targets, kw, 1e-5)
+    assert KT.LAST_LAUNCH["form"] == "one"
     _check(est, logits, targets, kw, 1e-5, inplace=True)
+
+
+def test_one_launch_rows_are_launched_once(monkeypatch):
+    """RowInputs zeroes the one-launch form's counters once per call: launching rows a second time (their counters
+    already past K, so their row part would never run again) is refused, not silently stale."""
+    from fastupg.kernels import _logits_triton as KT
+    monkeypatch.setitem(KT.SPLIT, "one_launch", True)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 300, generator=g)
+    tgt = torch.randint(0, 300, (6,), generator=g)
+    x = dict(scale=torch.full((6,), 1 / 6), mask=torch.ones(6, dtype=torch.bool), adv=torch.randn(6, generator=g),
+             old=None)
+    rows = KT.RowInputs(Estimator.preset("reinforce"), x, tgt, z.device)
+    grad = torch.empty_like(z)
+    rows.launch(z[:3], 0, 3, grad[:3], 1.0, block_v=128)
+    rows.launch(z[3:], 3, 6, grad[3:], 1.0, block_v=128)
+    with pytest.raises(RuntimeError, match="launched before"):
+        rows.launch(z[3:], 3, 6, grad[3:], 1.0, block_v=128)
+    lp = torch.log_softmax(z.double(), -1).gather(1, tgt[:, None])[:, 0]
+    assert torch.allclose(rows.logp.double(), lp, atol=1e-5)
+
+
+def test_one_launch_lag_must_be_positive(monkeypatch):
+    from fastupg.kernels import _logits_triton as KT
+    monkeypatch.setitem(KT.SPLIT, "one_launch", True)
+    monkeypatch.setitem(KT.SPLIT, "lag", 0)
+    est, logits, targets, kw = _batch("grpo")
+    with pytest.raises(ValueError, match="lag"):
+        fused_policy_loss(logits.requires_grad_(), targets, est, temperature=0.7, block_v=SMALL, **kw)
 
 
 @pytest.mark.parametrize("name", ["grpo", "luffy", "hpt", "cispo", "sft"])
@@ -342,8 +376,8 @@ def test_deferred_checks_raise_later_without_a_sync():
 
 
 def test_fused_kernel_compiles_for_sm90(compile_for_gpu):
-    """The interpreter never runs the one-launch form (its programs wait for each other) and accepts kernels the GPU
-    compiler refuses: compile every launch form of the fused kernel for sm_90."""
+    """The interpreter accepts kernels the GPU compiler refuses (the one-launch form's atomics and waits among
+    them): compile every launch of the fused kernel, both forms, for sm_90."""
     r = compile_for_gpu("compile_logits.py")
     row = [ln for ln in r.stdout.splitlines() if ln.strip().startswith("1024 x")]
-    assert len(row) == 1 and row[0].count("(") == 6, r.stdout  # registers (programs/SM) of the 6 forms
+    assert len(row) == 1 and row[0].count("(") == 4, r.stdout  # registers (programs/SM) of the 4 launches

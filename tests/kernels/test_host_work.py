@@ -137,11 +137,14 @@ def test_nograd_forward_per_chunk_is_one_gemm_and_one_launch(count):
     assert b.syncs == a.syncs, (a.syncs, b.syncs)
 
 
-@pytest.mark.parametrize("one_pass", [None, False])
-def test_policy_loss_per_chunk_is_gemms_and_launches(count, one_pass):
+@pytest.mark.parametrize("one_pass,one_launch", [(None, False), (None, True), (False, False)])
+def test_policy_loss_per_chunk_is_gemms_and_launches(count, one_pass, one_launch, monkeypatch):
     """Training step (forward + backward): per fp32 chunk the logits GEMM (twice on the two-pass path, which
     recomputes them in backward) and the kernel launches; per group of chunks the two gradient GEMMs. The host
-    syncs of a step do not grow with its length."""
+    syncs of a step do not grow with its length. one_launch: the fused loss kernel's one-launch form (its counters
+    zeroed once per call, not per chunk)."""
+    from fastupg.kernels import _logits_triton as KT
+    monkeypatch.setitem(KT.SPLIT, "one_launch", one_launch)
     a, b, per_chunk, launches = _per_extra_chunk(count, lambda n: _policy_loss_step(n, one_pass), 6 * ROWS,
                                                  18 * ROWS)
     # 12 more chunks of ROWS rows = 4 more groups of 3 chunks; per group: dH = g @ W (mm) and dW += g^T H (addmm_).
@@ -152,7 +155,7 @@ def test_policy_loss_per_chunk_is_gemms_and_launches(count, one_pass):
     assert per_chunk.keys() == gemms.keys(), per_chunk
     for k, v in gemms.items():
         assert per_chunk[k] == pytest.approx(v), (k, per_chunk)
-    # one-pass: the fused loss kernel's two launches (stats, then gradient); two-pass: the log-prob kernel per
-    # (4x longer) forward chunk and its gradient kernel per backward chunk
-    assert launches == (2.0 if one_pass is None else 1 / 4 + 1)
+    # one-pass: the fused loss kernel's three launches (stats, row, gradient), or one; two-pass: the log-prob kernel
+    # per (4x longer) forward chunk and its gradient kernel per backward chunk
+    assert launches == ((1.0 if one_launch else 3.0) if one_pass is None else 1 / 4 + 1)
     assert b.syncs == a.syncs, (a.syncs, b.syncs)
