@@ -86,23 +86,28 @@ class Problem:
 
 
 # -- methods: each returns (forward() -> loss, needs leaves) ----------------------------------------------------------
-def m_fastupg(impl, sft=False, chunk_bytes=DEFAULT_CHUNK_BYTES, one_pass=None, **knobs):
-    """knobs: module settings of fastupg.kernels._fused_linear_chunked (e.g. ONE_PASS_SUBCHUNKS), variant rows."""
-    if knobs:
+def m_fastupg(impl, sft=False, chunk_bytes=DEFAULT_CHUNK_BYTES, one_pass=None, split=None, **knobs):
+    """knobs: module settings of fastupg.kernels._fused_linear_chunked (e.g. ONE_PASS_SUBCHUNKS); split: settings
+    of the fused loss kernel (fastupg.kernels._logits_triton.SPLIT, e.g. one_launch), which the one-pass path
+    launches in its forward: variant rows."""
+    if knobs or split:
         import fastupg.kernels._fused_linear_chunked as fl  # noqa: PLC0415  (the chunked impl's module settings)
+        from fastupg.kernels._logits_triton import SPLIT  # noqa: PLC0415
 
         def make_knobbed(p: Problem):
             fwd, leaves = make(p)
 
             def run():
-                old = {k: getattr(fl, k) for k in knobs}
+                old, old_split = {k: getattr(fl, k) for k in knobs}, dict(SPLIT)
                 for k, v in knobs.items():
                     setattr(fl, k, v)
+                SPLIT.update(split or {})
                 try:
                     return fwd()
                 finally:
                     for k, v in old.items():
                         setattr(fl, k, v)
+                    SPLIT.update(old_split)
             return run, leaves
 
     def make(p: Problem):
@@ -113,7 +118,7 @@ def m_fastupg(impl, sft=False, chunk_bytes=DEFAULT_CHUNK_BYTES, one_pass=None, *
         return (lambda: fused_linear_policy_loss(h, w, p.targets, p.est, advantages=p.advantages,
                                                  old_logp=p.old_logp, mask=p.mask, impl=impl,
                                                  chunk_bytes=chunk_bytes, one_pass=one_pass)[0]), (h, w)
-    return make_knobbed if knobs else make
+    return make_knobbed if (knobs or split) else make
 
 
 def _eager_loss(h, w, targets, est, advantages, old_logp, mask):
@@ -174,6 +179,8 @@ METHODS = {
     "fastupg-chunked-k6": m_fastupg("chunked", ONE_PASS_SUBCHUNKS=6),
     # the two-pass path (GSPO, retain_graph): O(N) forward, backward recomputes the logits (4 GEMMs)
     "fastupg-chunked-2pass": m_fastupg("chunked", one_pass=False),
+    # the fused loss kernel's one-launch form (fp32 logits chunk read from HBM once; 2026-12-07, not yet measured)
+    "fastupg-chunked-1launch": m_fastupg("chunked", split=dict(one_launch=True, chunk=1024, warps=2)),
     "fastupg-torch": m_fastupg("torch"),
     "fastupg-triton-sft": m_fastupg("triton", sft=True),
     "fastupg-chunked-sft": m_fastupg("chunked", sft=True),
@@ -188,7 +195,7 @@ QUICK = ("fastupg-chunked", "fastupg-torch", "eager", "gemm")  # --quick (CPU, C
 # slow or memory-hungry peers: skipped above --slow-max-n tokens so that one GPU call covers every size
 # (fastupg-triton is timed at every size since its backward became atomic-free split passes: the peer of the default)
 SLOW = {"fastupg-triton-sft", "fastupg-torch", "eager", "compile", "liger", "cce",
-        "fastupg-chunked-sft", "fastupg-chunked-2pass"}  # (the -sft row is the peer of cce)
+        "fastupg-chunked-sft", "fastupg-chunked-2pass", "fastupg-chunked-1launch"}  # (-sft: the peer of cce)
 
 
 # -- measurement ------------------------------------------------------------------------------------------------------
@@ -302,7 +309,8 @@ def main(argv=None):
     ap.add_argument("--v", type=int, default=151936)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (advantage granularity)")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                    help="default: every method (with --quick: one row per kind of path)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--csv", default=None, help="write the rows as CSV here (nothing is written into the source "
                     "tree unless asked)")
@@ -319,8 +327,10 @@ def main(argv=None):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
     if a.quick:
         a.n, a.d, a.v, a.seq_len, a.reps = [64, 128], [40], 1031, 64, 1
-        a.methods = [m for m in a.methods if m in QUICK]
-    elif not cuda:
+        a.methods = list(QUICK) if a.methods is None else [m for m in a.methods if m not in GPU_ONLY]
+    elif a.methods is None:
+        a.methods = list(METHODS)
+    if not cuda and not a.quick:
         print("no CUDA device: GPU-only methods are skipped (use --quick for a fast smoke run)", file=sys.stderr)
         a.methods = [m for m in a.methods if m not in GPU_ONLY]
     device = "cuda" if cuda else "cpu"

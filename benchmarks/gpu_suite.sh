@@ -75,7 +75,8 @@ if want fused_linear; then
   mkdir -p "$OUT_DIR/fused_linear"
   step bench_fused_linear 200 "$OUT_DIR/fused_linear/bench_fused_linear.txt" \
     python3 benchmarks/bench_fused_linear.py --n $NS --d 1536 3584 --reps 2 --slow-max-n 8192 \
-    --methods gemm fastupg-chunked fastupg-triton compile liger cce fastupg-chunked-sft fastupg-chunked-2pass --out "$OUT_DIR/fused_linear"
+    --methods gemm fastupg-chunked fastupg-triton compile liger cce fastupg-chunked-sft fastupg-chunked-2pass \
+    fastupg-chunked-1launch --out "$OUT_DIR/fused_linear"
 fi
 if want long && [ -f benchmarks/bench_long_context.py ]; then
   mkdir -p "$OUT_DIR/long_context"

@@ -38,3 +38,21 @@ def test_pytest_benchmark_suite_json_plots(tmp_path):
     assert names == {"fastupg-chunked", "gemm"}
     from plot_bench import plot
     assert plot(str(out), str(tmp_path / "png"))
+
+
+def test_variant_rows_set_and_restore_the_loss_kernel_form():
+    """fastupg-chunked-1launch times the chunked impl with the fused loss kernel's one-launch form: set for its
+    runs only (under the interpreter, in a subprocess, so that the form really runs), SPLIT as it was afterwards."""
+    import subprocess
+    code = """
+import bench_fused_linear as bfl
+from fastupg.kernels import _logits_triton as KT
+before = dict(KT.SPLIT)
+rows = bfl.main(["--quick", "--methods", "fastupg-chunked-1launch", "gemm"])
+assert [r["status"] for r in rows] == ["ok"] * 4, rows
+assert KT.LAST_LAUNCH.get("form") == "one" and KT.SPLIT == before, (KT.LAST_LAUNCH, KT.SPLIT)
+print("OK")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "benchmarks")]))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-3000:]
