@@ -521,7 +521,7 @@ def _fused_kernel(logits_ptr, sb, st, TR, grad_ptr, gsb, gst,
             t = tl.atomic_add(tick_ptr, 1, sem="relaxed", scope="gpu") + tl.zeros((), tl.int64)  # (orders work, not data)
         else:
             t = pid + tl.zeros((), tl.int64)  # 64-bit offsets: N x V may exceed 2^31
-        c = t % K
+        c = (t % K).to(tl.int32)  # (32-bit offsets within a row: an int64 vector would hold twice the registers)
         row = t // K
         if PHASE != 3:
             if row < N:
