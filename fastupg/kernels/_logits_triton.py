@@ -507,57 +507,55 @@ def _fused_kernel(logits_ptr, sb, st, TR, grad_ptr, gsb, gst,
     asks L2 to keep the chunk). Runs under the CPU interpreter too (programs in ticket order: no wait ever spins).
     Rows with info & 1 == 0 (masked) are never read: zero gradient, zero outputs.
     """
-    pid = tl.program_id(0)
-    if PHASE == 2:
-        row = pid + tl.zeros((), tl.int64)
-        info = tl.load(info_ptr + row).to(tl.int32)
-        _row_part(row, (info & 1) != 0, (info & 2) != 0, tgt_ptr, adv_ptr, old_ptr, ref_ptr, scale_ptr, ws_ptr,
-                  ell_ptr, logp_ptr, ent_ptr, ratio_ptr, kl_ptr, flags_ptr,
-                  adv_scalar, eps_low, eps_high, dual_c, gamma, ent_coef, kl_coef,
-                  V, K, KP, WRITE_GRAD, ON_REF, ON_MASK, OFF_REF, OFF_MASK, ON_A1, OFF_A1, HAS_ADV, HAS_OLD,
-                  DUAL, KL_EST, KL_ON)
+    if PHASE == 0:
+        t = tl.atomic_add(tick_ptr, 1, sem="relaxed", scope="gpu") + tl.zeros((), tl.int64)  # (orders work, not data)
     else:
-        if PHASE == 0:
-            t = tl.atomic_add(tick_ptr, 1, sem="relaxed", scope="gpu") + tl.zeros((), tl.int64)  # (orders work, not data)
-        else:
-            t = pid + tl.zeros((), tl.int64)  # 64-bit offsets: N x V may exceed 2^31
-        c = (t % K).to(tl.int32)  # (32-bit offsets within a row: an int64 vector would hold twice the registers)
+        t = tl.program_id(0) + tl.zeros((), tl.int64)  # 64-bit offsets: N x V may exceed 2^31
+    if PHASE == 2:  # one program per row
+        row = t
+        c = tl.zeros((), tl.int32)
+    else:
         row = t // K
-        if PHASE != 3:
-            if row < N:
-                info = tl.load(info_ptr + row).to(tl.int32)
-                if (info & 1) != 0:
+        c = (t % K).to(tl.int32)  # (32-bit offsets within a row: an int64 vector would hold twice the registers)
+    if PHASE != 3:
+        if row < N:
+            info = tl.load(info_ptr + row).to(tl.int32)
+            counted = (info & 1) != 0
+            if PHASE == 0:
+                do_row = (c == 0) & ((info & 1) == 0)  # a masked row's outputs: from its first chunk's program
+            else:
+                do_row = row >= 0  # (PHASE 2: every row; PHASE 1: never read)
+            if PHASE != 2:
+                if counted:
                     _stats_part(logits_ptr, sb, st, TR, tgt_ptr, ws_ptr, row, c, inv_t, V, CHUNK, K,
                                 PHASE == 0 and WRITE_GRAD)
                     if PHASE == 0:
                         tl.debug_barrier()  # every thread's partial stores precede the (gpu-scope release) arrival
                         n = tl.atomic_add(cnt_ptr + row, 1, sem="acq_rel", scope="gpu") + 1
-                        if n == K:  # the last to arrive: every partial of the row is visible (acquire)
-                            _row_part(row, True, (info & 2) != 0, tgt_ptr, adv_ptr, old_ptr, ref_ptr, scale_ptr,
-                                      ws_ptr, ell_ptr, logp_ptr, ent_ptr, ratio_ptr, kl_ptr, flags_ptr,
-                                      adv_scalar, eps_low, eps_high, dual_c, gamma, ent_coef, kl_coef,
-                                      V, K, KP, WRITE_GRAD, ON_REF, ON_MASK, OFF_REF, OFF_MASK, ON_A1, OFF_A1,
-                                      HAS_ADV, HAS_OLD, DUAL, KL_EST, KL_ON)
+                        do_row = n == K  # the last to arrive: every partial of the row is visible (acquire)
+            if PHASE != 1:
+                if do_row:
+                    _row_part(row, counted, (info & 2) != 0, tgt_ptr, adv_ptr, old_ptr, ref_ptr, scale_ptr, ws_ptr,
+                              ell_ptr, logp_ptr, ent_ptr, ratio_ptr, kl_ptr, flags_ptr,
+                              adv_scalar, eps_low, eps_high, dual_c, gamma, ent_coef, kl_coef,
+                              V, K, KP, WRITE_GRAD, ON_REF, ON_MASK, OFF_REF, OFF_MASK, ON_A1, OFF_A1, HAS_ADV,
+                              HAS_OLD, DUAL, KL_EST, KL_ON)
+                    if PHASE == 0:
+                        if counted:
                             tl.debug_barrier()
-                            tl.atomic_add(cnt_ptr + row, 1, sem="release", scope="gpu")  # ready: K + 1
-                elif PHASE == 0:
-                    if c == 0:
-                        _row_part(row, False, False, tgt_ptr, adv_ptr, old_ptr, ref_ptr, scale_ptr, ws_ptr,
-                                  ell_ptr, logp_ptr, ent_ptr, ratio_ptr, kl_ptr, flags_ptr,
-                                  adv_scalar, eps_low, eps_high, dual_c, gamma, ent_coef, kl_coef,
-                                  V, K, KP, WRITE_GRAD, ON_REF, ON_MASK, OFF_REF, OFF_MASK, ON_A1, OFF_A1,
-                                  HAS_ADV, HAS_OLD, DUAL, KL_EST, KL_ON)
-        if PHASE != 1:
+                            tl.atomic_add(cnt_ptr + row, 1, sem="release", scope="gpu")  # the row is ready: K + 1
+    if PHASE != 1:
+        if PHASE != 2:
             if WRITE_GRAD:
                 rb = row - lag
                 if (rb >= 0) & (rb < N):
-                    counted = (tl.load(info_ptr + rb).to(tl.int32) & 1) != 0
+                    counted_b = (tl.load(info_ptr + rb).to(tl.int32) & 1) != 0
                     if PHASE == 0:
-                        if counted:
+                        if counted_b:  # (a masked row never arrives: nothing to wait for)
                             n = tl.atomic_add(cnt_ptr + rb, 0, sem="acquire", scope="gpu")
                             while n <= K:
                                 n = tl.atomic_add(cnt_ptr + rb, 0, sem="acquire", scope="gpu")
-                    _grad_part(logits_ptr, sb, st, TR, grad_ptr, gsb, gst, tgt_ptr, ws_ptr, rb, c, counted, inv_t,
+                    _grad_part(logits_ptr, sb, st, TR, grad_ptr, gsb, gst, tgt_ptr, ws_ptr, rb, c, counted_b, inv_t,
                                V, CHUNK, K, HAS_ENT)
 
 

@@ -107,24 +107,34 @@ def test_one_launch_form(name, lag, monkeypatch):
     _check(est, logits, targets, kw, 1e-5, inplace=True)
 
 
-def test_one_launch_rows_are_launched_once(monkeypatch):
-    """RowInputs zeroes the one-launch form's counters once per call: launching rows a second time (their counters
-    already past K, so their row part would never run again) is refused, not silently stale."""
+@pytest.mark.parametrize("one_launch", [False, True])
+def test_row_outputs_every_row_written(one_launch, monkeypatch):
+    """Every row's outputs are written, masked rows' too (zeros, and their data-check flags), whatever was in the
+    buffers before: filled with nan here. One-launch form: RowInputs zeroes its counters once per call, so
+    launching rows a second time (their counters already past K: their row part would never run again) is
+    refused, not silently stale."""
     from fastupg.kernels import _logits_triton as KT
-    monkeypatch.setitem(KT.SPLIT, "one_launch", True)
+    monkeypatch.setitem(KT.SPLIT, "one_launch", one_launch)
     g = torch.Generator().manual_seed(0)
     z = torch.randn(6, 300, generator=g)
     tgt = torch.randint(0, 300, (6,), generator=g)
-    x = dict(scale=torch.full((6,), 1 / 6), mask=torch.ones(6, dtype=torch.bool), adv=torch.randn(6, generator=g),
-             old=None)
+    mask = torch.tensor([True, False, True, True, False, True])
+    x = dict(scale=torch.full((6,), 1 / 6), mask=mask, adv=torch.randn(6, generator=g), old=None)
     rows = KT.RowInputs(Estimator.preset("reinforce"), x, tgt, z.device)
-    grad = torch.empty_like(z)
+    for out in (rows.ell, rows.logp, rows.ent, rows.ratio, rows.kl):
+        out.fill_(float("nan"))
+    rows.flags.fill_(-1)
+    grad = torch.full_like(z, float("nan"))
     rows.launch(z[:3], 0, 3, grad[:3], 1.0, block_v=128)
     rows.launch(z[3:], 3, 6, grad[3:], 1.0, block_v=128)
-    with pytest.raises(RuntimeError, match="launched before"):
-        rows.launch(z[3:], 3, 6, grad[3:], 1.0, block_v=128)
     lp = torch.log_softmax(z.double(), -1).gather(1, tgt[:, None])[:, 0]
-    assert torch.allclose(rows.logp.double(), lp, atol=1e-5)
+    assert torch.allclose(rows.logp[mask].double(), lp[mask], atol=1e-5)
+    for out in (rows.ell, rows.logp, rows.ent, rows.ratio, rows.kl):
+        assert bool((out[~mask] == 0).all()), out
+    assert bool((rows.flags == 0).all()) and bool((grad[~mask] == 0).all()) and bool(torch.isfinite(grad).all())
+    if one_launch:
+        with pytest.raises(RuntimeError, match="launched before"):
+            rows.launch(z[3:], 3, 6, grad[3:], 1.0, block_v=128)
 
 
 def test_one_launch_lag_must_be_positive(monkeypatch):
