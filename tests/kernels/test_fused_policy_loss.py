@@ -107,6 +107,25 @@ def test_one_launch_form(name, lag, monkeypatch):
     _check(est, logits, targets, kw, 1e-5, inplace=True)
 
 
+@pytest.mark.parametrize("name", ["grpo", "hpt", "cispo"])
+def test_one_launch_form_without_grad(name, monkeypatch):
+    """The one-launch form with no gradient (lag 0, grid N x K: stats and the row part only): loss and metrics as
+    float64, and it is the form that ran."""
+    from fastupg.kernels import _logits_triton as KT
+    monkeypatch.setitem(KT.SPLIT, "one_launch", True)
+    est, logits, targets, kw = _batch(name, entropy_coef=0.01, kl_coef=0.05, seed=4)
+    loss_r, met_r = fused_policy_loss_ref(logits.double(), targets, est, temperature=0.7, **kw)
+    KT.LAST_LAUNCH.clear()
+    with torch.no_grad():
+        loss, met = fused_policy_loss(logits, targets, est, temperature=0.7, block_v=SMALL, **kw)
+    assert KT.LAST_LAUNCH["form"] == "one"
+    m = kw["mask"].double()
+    term = (kw["advantages"].abs().double() * m).sum() / m.sum()
+    assert abs(loss.item() - loss_r.item()) <= 1e-5 * max(abs(loss_r.item()), term.item())
+    for k in met:
+        assert abs(met[k].item() - met_r[k].item()) <= 1e-5 * max(1.0, abs(met_r[k].item())), k
+
+
 @pytest.mark.parametrize("one_launch", [False, True])
 def test_row_outputs_every_row_written(one_launch, monkeypatch):
     """Every row's outputs are written, masked rows' too (zeros, and their data-check flags), whatever was in the
