@@ -110,18 +110,23 @@ def check_logits_ops(dev, V=151936, B=2, T=192, large=True):
                 variants += [("+deferred", dict(check="deferred")), ("+inplace", dict(inplace_backward=True)),
                              ("+1launch", dict(_split=one)),
                              ("+1launch+inplace", dict(inplace_backward=True, _split=one)),
-                             ("+1launch-lag1+inplace", dict(inplace_backward=True, _split=dict(one, lag=1, warps=1)))]
+                             ("+1launch-lag1+inplace", dict(inplace_backward=True, _split=dict(one, lag=1, warps=1))),
+                             ("+1launch-nograd", dict(_split=one, _nograd=True))]  # (no gradient part: lag 0)
                 if default["one_launch"]:
                     variants.append(("+3launch", dict(_split=dict(one_launch=False))))
             for tag, extra in variants:
                 SPLIT.clear()
                 SPLIT.update(default, **extra.pop("_split", {}))
                 LAST_LAUNCH.clear()
-                leaf = logits.clone().requires_grad_()
+                nograd = extra.pop("_nograd", False)
+                leaf = logits.clone().requires_grad_(not nograd)
                 z = alias(leaf) if extra.get("inplace_backward") else leaf
-                loss, met = fused_policy_loss(z, targets, est, temperature=TEMP, **kw, **extra)
-                loss.backward()
-                errs = dict(loss=loss_err(loss, loss_r, kw), dz=rel(leaf.grad, zr.grad))
+                with torch.set_grad_enabled(not nograd):
+                    loss, met = fused_policy_loss(z, targets, est, temperature=TEMP, **kw, **extra)
+                errs = dict(loss=loss_err(loss, loss_r, kw))
+                if not nograd:
+                    loss.backward()
+                    errs["dz"] = rel(leaf.grad, zr.grad)
                 errs["metrics"] = max(abs(float(met[k]) - float(met_r[k])) / max(1.0, abs(float(met_r[k])))
                                       for k in met_r)
                 if "launch" in tag:  # the form named must be the one that ran

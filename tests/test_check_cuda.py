@@ -20,7 +20,8 @@ def test_check_cuda_smoke_passes_on_cpu():
     assert "# 0 failure(s)" in lines
     checked = [ln for ln in lines if ln.startswith("ok ")]
     assert len(checked) > 100 and not any(ln.startswith("BAD") for ln in lines)
-    for op in ("fused_policy_loss+1launch-lag1+inplace", "fused_policy_loss_large+1launch", "fused_linear_large[1pass]"):
+    for op in ("fused_policy_loss+1launch-lag1+inplace", "fused_policy_loss+1launch-nograd",
+               "fused_policy_loss_large+1launch", "fused_linear_large[1pass]"):
         assert any(ln.split()[1] == op for ln in checked), op
 
 

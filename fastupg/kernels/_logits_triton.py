@@ -918,7 +918,7 @@ class _Result:
 
 def _fused_triton(logits, targets, est: Estimator, a: dict, temperature: float, agg, need_grad: bool,
                   inplace: bool, block_v) -> _Result:
-    """prep kernel -> main kernel (one or two launches) -> finalize kernel, no host sync."""
+    """prep kernel -> main kernel (three launches, or one) -> finalize kernel, no host sync."""
     dev = logits.device
     V = logits.shape[-1]
     z = logits if logits.stride(-1) == 1 else logits.contiguous()

@@ -89,7 +89,8 @@ def fused_policy_loss(logits: torch.Tensor, targets: torch.Tensor, estimator: Es
     refused. check="sync" (default) raises bad data (targets out of range, nan advantages, ...) before returning, at
     the cost of one host sync; "deferred" queues the check without a sync and raises at a later fastupg call or at
     `raise_deferred_checks()`; "off" skips reading it. An all-masked batch gives a zero loss with a zero gradient.
-    On the GPU: four launches (prep, loss+gradient x 2, metrics), no host sync unless check="sync".
+    On the GPU: five launches (prep; stats, row and gradient, or one launch with SPLIT["one_launch"]; metrics), no
+    host sync unless check="sync".
     """
     est = resolve_estimator(estimator)
     if check not in CHECK_MODES:
