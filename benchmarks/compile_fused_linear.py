@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import fastupg.kernels._fused_linear_triton as flt  # noqa: E402
-from _bench_common import cubin_resources  # noqa: E402
+from _bench_common import aligned_attrs, cubin_resources  # noqa: E402
 from fastupg.kernels._fused_linear_common import FusedLinearOptions  # noqa: E402
 
 INTS = {"N", "M", "V", "D", "stride_hn", "stride_wv", "blocks_per_prog", "nprog"}
@@ -80,8 +80,11 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     target = GPUTarget("cuda", a.arch, 32)
     for fn, dt, consts in variants(a.quick):
-        k = triton.compile(ASTSource(fn, signature(fn, dt, consts), consts), target=target,
-                           options=dict(num_warps=4, num_stages=3))
+        sig = signature(fn, dt, consts)
+        # as a launch at the benchmark's shapes specialises it (N, V, D and the strides multiples of 16)
+        attrs = aligned_attrs(fn, {p for p, s in sig.items() if s.startswith("*")} |
+                              {"N", "M", "V", "D", "stride_hn", "stride_wv"})
+        k = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=dict(num_warps=4, num_stages=3))
         flags = " ".join(f"{n}={int(v)}" for n, v in consts.items())
         regs, stack = cubin_resources(k)
         print(f"ok  {fn.fn.__name__:<12} {dt:<5} {flags}  shared {k.metadata.shared} B, {regs} registers/thread"

@@ -31,7 +31,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import fastupg.kernels._logits_triton as lt  # noqa: E402
-from _bench_common import cubin_resources  # noqa: E402
+from _bench_common import aligned_attrs, cubin_resources  # noqa: E402
 
 V = 151936
 INTS = {"sb", "st", "TR", "gsb", "gst", "N", "lag"}
@@ -65,19 +65,13 @@ def grpo_consts(chunk: int, phase: int) -> dict:
                 KL_EST=0, KL_ON=False, HAS_ENT=False)
 
 
-def aligned(consts: dict) -> dict:
-    """What a launch specialises on (V = 151936 is a multiple of 16): every pointer and the row strides divisible by
-    16. Without it the logits are read 2 bytes at a time, not 16, and the registers differ from the launched
-    kernel's (1024 x 1 one-launch: 128 instead of 80)."""
-    names = list(inspect.signature(lt._fused_kernel.fn).parameters)
-    return {(i,): [["tt.divisibility", 16]] for i, p in enumerate(names)
-            if p not in consts and (p.endswith("_ptr") or p in ("sb", "st", "gsb", "gst"))}
-
-
 def registers(chunk: int, warps: int, phase: int, arch: int = 90) -> tuple[int, int]:
     """(registers per thread, stack bytes) of the compiled kernel."""
     consts = grpo_consts(chunk, phase)
-    k = triton.compile(ASTSource(lt._fused_kernel, signature(consts), consts, aligned(consts)),
+    sig = signature(consts)
+    # as a launch specialises it (V = 151936 is a multiple of 16): pointers and row strides 16-divisible
+    attrs = aligned_attrs(lt._fused_kernel, {p for p, s in sig.items() if s.startswith("*")} | {"sb", "st", "gsb", "gst"})
+    k = triton.compile(ASTSource(lt._fused_kernel, sig, consts, attrs),
                        target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=1))
     return cubin_resources(k)
 
